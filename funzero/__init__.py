@@ -1,0 +1,41 @@
+"""funzero: ZeRO stages 0-3 and offload as pure functions over (params, grads, opt_state) pytrees.
+
+    plan = funzero.zero(stage=3, groups=[r"blocks\\.(\\d+)\\."])
+    state = funzero.init(model, tx, plan, precision=funzero.bf16())
+    step = torch.compile(funzero.train_step(model, loss_fn, tx, plan))
+    state, metrics = step(state, batch)
+"""
+
+from funzero import optim
+from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
+from funzero._gather import track_gathered
+from funzero._plan import Binding, Plan, param_count, zero
+from funzero._precision import LossScaleConfig, Precision, bf16, fp16, fp32
+from funzero._scaler import LossScaleState
+from funzero._state import TrainState, gather_params, init, state_nbytes
+from funzero._step import train_step
+
+__all__ = [
+    "Binding",
+    "CommCounter",
+    "LossScaleConfig",
+    "LossScaleState",
+    "Plan",
+    "Precision",
+    "TrainState",
+    "all_gather",
+    "all_reduce",
+    "bf16",
+    "count_comm",
+    "fp16",
+    "fp32",
+    "gather_params",
+    "init",
+    "optim",
+    "param_count",
+    "reduce_scatter",
+    "state_nbytes",
+    "track_gathered",
+    "train_step",
+    "zero",
+]

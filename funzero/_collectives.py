@@ -1,0 +1,271 @@
+"""Explicit collectives on a mesh axis, and the autograd pairs that make ZeRO one program.
+
+Built on ``torch.distributed._functional_collectives`` (traceable by ``torch.compile``; NCCL on
+GPUs, gloo on CPU). An axis of size 1 needs no communication: every collective is the identity
+there and moves nothing.
+
+Every call is recorded by the active :class:`CommCounter` (if any) in *logical* elements: an
+all-gather or reduce-scatter over a buffer of P elements counts P, an all-reduce counts 2P (a
+reduce-scatter plus an all-gather), which is the accounting of the ZeRO paper (sec. 7): stages
+0-2 move 2Psi per step, stage 3 moves 3Psi. Counting happens when the Python call runs, i.e.
+eagerly or while ``torch.compile`` traces, not on every replay of a compiled graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+
+from shardspec import Mesh
+
+__all__ = [
+    "CommCounter",
+    "all_gather",
+    "all_reduce",
+    "count_comm",
+    "reduce_scatter",
+]
+
+# torch 2.13 renamed the single-tensor collectives; 2.11 (the GPU image) has only the old names.
+_all_gather_single = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+_reduce_scatter_single = getattr(fc, "reduce_scatter_single", None) or fc.reduce_scatter_tensor
+
+
+@dataclass
+class CommCounter:
+    """Logical elements and bytes moved per rank, and calls, by ``(op, tag)``."""
+
+    elements: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)
+
+    def record(self, op: str, tag: str, numel: int, itemsize: int) -> None:
+        self.elements[(op, tag)] += numel
+        self.bytes[(op, tag)] += numel * itemsize
+        self.calls[(op, tag)] += 1
+
+    def total(self, *, op: str | None = None, tag: str | None = None, what: str = "elements") -> int:
+        """Sum over records matching ``op`` and ``tag`` (None matches all)."""
+        c = getattr(self, what)
+        return sum(v for (o, t), v in c.items() if (op is None or o == op) and (tag is None or t == tag))
+
+    def num_calls(self, *, op: str | None = None, tag: str | None = None) -> int:
+        return self.total(op=op, tag=tag, what="calls")
+
+
+_COUNTERS: list[CommCounter] = []
+
+
+@contextlib.contextmanager
+def count_comm() -> Iterator[CommCounter]:
+    """Record every collective issued inside the block.
+
+    Example:
+        >>> with count_comm() as c:
+        ...     state, _ = step(state, batch)
+        >>> c.total(tag="grad")      # elements reduced for gradients
+    """
+    c = CommCounter()
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
+def _record(op: str, tag: str, numel: int, itemsize: int) -> None:
+    for c in _COUNTERS:
+        c.record(op, tag, numel, itemsize)
+
+
+def _group(mesh: Mesh, axis: str):
+    return mesh.group(axis)
+
+
+# torch 2.13 renamed these too; the old names warn there.
+_c10d_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_c10d_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
+
+
+def _eager() -> bool:
+    # Under torch.compile the functional collectives are traced into the graph; eagerly we call
+    # c10d into buffers we allocate, so each gathered buffer has one owner and a clear lifetime.
+    return not torch.compiler.is_compiling()
+
+
+def _op(op: str, group) -> tuple["dist.ReduceOp", bool]:
+    """The c10d op for ``op``, and whether to divide by the group size afterwards.
+
+    gloo has no AVG: there it is a SUM followed by a division.
+    """
+    if op not in _OPS:
+        raise ValueError(f"reduce op must be one of {sorted(_OPS)}, got {op!r}")
+    if op == "avg" and dist.get_backend(group) != "nccl":
+        return dist.ReduceOp.SUM, True
+    return _OPS[op], False
+
+
+def all_gather(
+    shard: torch.Tensor, mesh: Mesh, axis: str = "dp", *, tag: str = "param", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Concatenate every rank's 1-D ``shard`` along dim 0 (rank order).
+
+    ``out`` (eager only) receives the result; ``shard`` may be this rank's slice of ``out``
+    (an in-place gather, as after a stage-1/2 update).
+    """
+    group = _group(mesh, axis)
+    if group is None:
+        if out is not None and out.data_ptr() != shard.data_ptr():
+            out.copy_(shard)
+            return out
+        return shard
+    n = mesh.size(axis)
+    _record("all_gather", tag, shard.numel() * n, shard.element_size())
+    if _eager():
+        if out is None:
+            out = torch.empty(shard.numel() * n, dtype=shard.dtype, device=shard.device)
+        _c10d_all_gather(out, shard.contiguous(), group=group)
+        return out
+    res = fc.wait_tensor(_all_gather_single(shard.contiguous(), 0, group))
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
+
+
+def reduce_scatter(
+    full: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg", tag: str = "grad"
+) -> torch.Tensor:
+    """Reduce ``full`` (1-D, divisible by the axis size) over ranks; return this rank's slice."""
+    group = _group(mesh, axis)
+    if group is None:
+        return full
+    n = mesh.size(axis)
+    if full.numel() % n:
+        raise ValueError(f"reduce_scatter of {full.numel()} elements over {n} ranks: not divisible")
+    _record("reduce_scatter", tag, full.numel(), full.element_size())
+    if _eager():
+        out = torch.empty(full.numel() // n, dtype=full.dtype, device=full.device)
+        rop, divide = _op(op, group)
+        _c10d_reduce_scatter(out, full.contiguous(), op=rop, group=group)
+        return out.div_(n) if divide else out
+    return fc.wait_tensor(_reduce_scatter_single(full.contiguous(), op, 0, group))
+
+
+def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg", tag: str = "grad") -> torch.Tensor:
+    """Reduce ``x`` over the ranks of ``axis``; every rank gets the result (a new tensor)."""
+    group = _group(mesh, axis)
+    if group is None:
+        return x
+    _record("all_reduce", tag, 2 * x.numel(), x.element_size())
+    if _eager():
+        out = x.detach().clone().contiguous()
+        rop, divide = _op(op, group)
+        dist.all_reduce(out, op=rop, group=group)
+        return out.div_(mesh.size(axis)) if divide else out
+    return fc.wait_tensor(fc.all_reduce(x.contiguous(), op, group))
+
+
+# --- the autograd pairs ---------------------------------------------------------------------
+# Each takes a differentiable `anchor` (what the gradient is for: this rank's master or param
+# shard, or the full buffer in stage 0) and a non-differentiable `source` (what forward uses).
+# Forward produces the full compute buffer; backward is the transpose collective, run group by
+# group *during* backward, in `reduce_dtype`, returning a gradient shaped like the anchor.
+
+
+@dataclass(frozen=True)
+class CommSpec:
+    mesh: Mesh
+    axis: str
+    reduce_dtype: torch.dtype | None
+
+
+def _reduce_input(grad: torch.Tensor, spec: CommSpec) -> torch.Tensor:
+    return grad if spec.reduce_dtype is None else grad.to(spec.reduce_dtype)
+
+
+class GatherShard(torch.autograd.Function):
+    """Stage 3: forward all-gathers ``source`` (this rank's shard); backward reduce-scatters.
+
+    ``run``/``group`` (optional) are told when the reduce is done, so a copy of the group that
+    was gathered again for backward can be dropped right then.
+    """
+
+    @staticmethod
+    def forward(anchor, source, spec: CommSpec, run=None, group=None):
+        return all_gather(source, spec.mesh, spec.axis, tag="param")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec, ctx.run, ctx.group = inputs[2], inputs[3], inputs[4]
+        ctx.anchor_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = reduce_scatter(_reduce_input(grad, ctx.spec), ctx.spec.mesh, ctx.spec.axis, tag="grad")
+        if ctx.run is not None:
+            ctx.run.done(ctx.group)
+        return g.to(ctx.anchor_dtype), None, None, None, None
+
+
+class ScatterGrad(torch.autograd.Function):
+    """Stage 2: forward uses the full replica ``source``; backward reduce-scatters its gradient."""
+
+    @staticmethod
+    def forward(anchor, source, spec: CommSpec):
+        return source.view_as(source)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[2]
+        ctx.anchor_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = reduce_scatter(_reduce_input(grad, ctx.spec), ctx.spec.mesh, ctx.spec.axis, tag="grad")
+        return g.to(ctx.anchor_dtype), None, None
+
+
+class AllReduceGrad(torch.autograd.Function):
+    """Stage 0: forward uses the full ``source``; backward all-reduces its gradient."""
+
+    @staticmethod
+    def forward(anchor, source, spec: CommSpec):
+        return source.view_as(source)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[2]
+        ctx.anchor_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = all_reduce(_reduce_input(grad, ctx.spec), ctx.spec.mesh, ctx.spec.axis, tag="grad")
+        return g.to(ctx.anchor_dtype), None, None
+
+
+class Link(torch.autograd.Function):
+    """No communication: forward uses ``source``, the gradient goes to ``anchor`` in its dtype.
+
+    Used where the anchor is the fp32 master but no collective is needed (one rank), so that
+    the optimizer still receives the gradient without an extra cast pass in the user's graph.
+    """
+
+    @staticmethod
+    def forward(anchor, source):
+        return source.view_as(source)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.anchor_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.anchor_dtype), None

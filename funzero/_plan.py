@@ -1,0 +1,183 @@
+"""Plans: a ZeRO stage is a preset of specs for (params, grads, opt_state), nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from funzero._precision import Precision
+from shardspec import FlatLayout, Mesh, Replicate, Shard, Spec, assign_groups, build_layouts
+
+__all__ = ["Plan", "zero"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What lives where: the output of :func:`zero`.
+
+    Attributes:
+        stage: the ZeRO stage (0-3) the specs come from.
+        mesh: the ranks; ``axis`` is the data-parallel axis that shards are split over.
+        groups: group rules (see ``shardspec.assign_groups``); ``rest`` names the group of the
+            leaves no rule matches (``None``: such a leaf is an error).
+        placement: where state leaves live (``{"opt_state": "cpu"}``); see ``funzero.placement``.
+        batch: ``"global"``: the step receives the global batch and takes this rank's slice of
+            dim 0 (JAX's global-array view; the default), ``"local"``: it receives its own slice.
+    """
+
+    stage: int
+    mesh: Mesh
+    axis: str = "dp"
+    groups: Sequence | Mapping | None = None
+    rest: str | None = "rest"
+    placement: Mapping[str, str] = field(default_factory=dict)
+    batch: str = "global"
+    leaf_align: int = 16
+    shard_align: int = 64
+
+    @property
+    def num_shards(self) -> int:
+        return self.mesh.size(self.axis)
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank(self.axis)
+
+    # The stage as specs (DESIGN.md, "The one idea").
+    @property
+    def param_spec(self) -> Spec:
+        return Shard(self.axis) if self.stage == 3 else Replicate()
+
+    @property
+    def grad_spec(self) -> Spec:
+        return Shard(self.axis) if self.stage >= 2 else Replicate()
+
+    @property
+    def opt_spec(self) -> Spec:
+        return Shard(self.axis) if self.stage >= 1 else Replicate()
+
+    @property
+    def reduce_in_backward(self) -> bool:
+        """Stages 0, 2, 3 reduce each group's gradient during backward; stage 1 once per step."""
+        return self.stage != 1
+
+
+def zero(
+    stage: int,
+    *,
+    mesh: Mesh | None = None,
+    axis: str = "dp",
+    groups: Sequence | Mapping | None = None,
+    rest: str | None = "rest",
+    placement: Mapping[str, str] | None = None,
+    batch: str = "global",
+    leaf_align: int = 16,
+    shard_align: int = 64,
+) -> Plan:
+    """The plan for ZeRO ``stage`` on ``mesh``.
+
+    ========  =============  =====================================  ===============
+    stage     params held    gradient reduce                        opt_state held
+    ========  =============  =====================================  ===============
+    0         full           all-reduce per group, in backward      full
+    1         full           one reduce-scatter per optimizer step  own shard
+    2         full           reduce-scatter per group, in backward  own shard
+    3         own shard      reduce-scatter per group, in backward  own shard
+    ========  =============  =====================================  ===============
+
+    Args:
+        stage: 0, 1, 2 or 3.
+        mesh: the ranks (default: ``Mesh.from_env((axis,))``).
+        groups: rules grouping leaves into gather/reduce units, e.g. ``[r"blocks\\.(\\d+)\\."]``.
+        rest: group of unmatched leaves, or ``None`` to require every leaf be matched.
+        placement: offload: ``{"opt_state": "cpu"}`` etc. (see ``funzero.placement``).
+        batch: ``"global"`` or ``"local"`` (see :class:`Plan`).
+
+    Example:
+        >>> plan = zero(3, groups=[r"blocks\\.(\\d+)\\."])
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage=}")
+    if batch not in ("global", "local"):
+        raise ValueError(f"batch must be 'global' or 'local', got {batch=}")
+    if mesh is None:
+        mesh = Mesh.from_env((axis,))
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis {axis!r} is not an axis of {mesh}")
+    from funzero._placement import validate_placement
+
+    placement = validate_placement(dict(placement or {}), stage)
+    return Plan(stage, mesh, axis, groups, rest, placement, batch, leaf_align, shard_align)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A plan applied to one model's parameters: computed once, at ``init``, from shapes alone.
+
+    Attributes:
+        paths: trainable leaf paths (tied parameters appear once, under their first name).
+        aliases: ``{path: [every module path that names the same parameter]}``.
+        layouts: ``{group: FlatLayout}`` in the parameter dtype.
+        owners: ``{group: module path}``: the smallest module containing all the group's leaves
+            (where stage 3 gathers the group just in time).
+        num_shards / rank: of the data-parallel axis.
+    """
+
+    paths: tuple[str, ...]
+    aliases: Mapping[str, tuple[str, ...]]
+    layouts: Mapping[str, FlatLayout]
+    owners: Mapping[str, str]
+    num_shards: int
+    rank: int
+    precision: Precision
+    stage: int
+
+
+def _common_prefix(paths: Sequence[str]) -> str:
+    parts = [p.split(".")[:-1] for p in paths]  # module path of each leaf
+    out = []
+    for level in zip(*parts):
+        if all(x == level[0] for x in level):
+            out.append(level[0])
+        else:
+            break
+    return ".".join(out)
+
+
+def bind(model: nn.Module, plan: Plan, precision: Precision) -> Binding:
+    """Resolve ``plan`` against ``model``'s parameters (names, shapes, ties)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no trainable parameters")
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    aliases = {n: tuple(by_id[id(p)]) for n, p in named}
+    for n, p in named:
+        if not p.dtype.is_floating_point:
+            raise ValueError(f"parameter {n!r} has dtype {p.dtype}; only floating-point parameters train")
+    paths = tuple(n for n, _ in named)
+    groups = assign_groups(paths, plan.groups, rest=plan.rest)
+    shapes = {n: (tuple(p.shape), p.dtype) for n, p in named}
+    layouts = build_layouts(
+        shapes,
+        groups,
+        num_shards=plan.num_shards,
+        dtype=precision.param_dtype,
+        leaf_align=plan.leaf_align,
+        shard_align=plan.shard_align,
+    )
+    owners = {g: _common_prefix([a for p in lay.paths for a in aliases[p]]) for g, lay in layouts.items()}
+    return Binding(paths, aliases, layouts, owners, plan.num_shards, plan.rank, precision, plan.stage)
+
+
+def param_count(model: nn.Module) -> int:
+    """Trainable parameters, tied ones counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+

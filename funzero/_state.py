@@ -1,0 +1,211 @@
+"""TrainState: everything that changes during training, as one pytree; and ``init``."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import optree
+import torch
+from torch import nn
+
+from funzero._collectives import all_gather
+from funzero._plan import Binding, Plan, bind
+from funzero._precision import Precision, fp32
+from funzero.optim import GradientTransformation
+
+__all__ = ["TrainState", "gather_params", "init", "state_nbytes"]
+
+# The binding of the last init() per model, so a step built afterwards is ready before its first
+# (possibly compiled) call and never mutates itself while dynamo traces it.
+BINDINGS: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()
+
+
+@optree.register_pytree_node_class(namespace="funzero")
+class TrainState:
+    """The training state, a pytree (optree namespace ``"funzero"``).
+
+    Attributes:
+        step: () int64, optimizer steps taken.
+        params: ``{group: (n,) param_dtype}``: the full flat buffer (stages 0-2) or this rank's
+            shard (stage 3) of each group, in the dtype the model computes in.
+        master: ``{group: (n,) fp32}``: the master weights the optimizer updates (this rank's
+            shard in stages 1-3, full in stage 0), or ``None`` when ``params`` are fp32.
+        opt_state: the optimizer's state over the master (or param) buffers.
+        scaler: loss-scaling state (fp16), or ``None``.
+        binding: static (not a leaf): layouts, owners and precision, fixed at ``init``.
+    """
+
+    def __init__(self, step, params, master, opt_state, scaler, binding: Binding) -> None:
+        self.step = step
+        self.params = params
+        self.master = master
+        self.opt_state = opt_state
+        self.scaler = scaler
+        self.binding = binding
+
+    def tree_flatten(self):
+        return (self.step, self.params, self.master, self.opt_state, self.scaler), self.binding, (
+            "step",
+            "params",
+            "master",
+            "opt_state",
+            "scaler",
+        )
+
+    @classmethod
+    def tree_unflatten(cls, binding, children):
+        return cls(*children, binding)
+
+    def replace(self, **kw) -> "TrainState":
+        f = {k: getattr(self, k) for k in ("step", "params", "master", "opt_state", "scaler")}
+        f.update(kw)
+        return TrainState(**f, binding=self.binding)
+
+    def __repr__(self) -> str:
+        b = self.binding
+        return (
+            f"TrainState(stage={b.stage}, groups={len(b.layouts)}, shards={b.num_shards}, "
+            f"params={sum(lay.numel for lay in b.layouts.values())}, precision={b.precision})"
+        )
+
+
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in optree.tree_leaves(tree, namespace="funzero") if isinstance(x, torch.Tensor)]
+
+
+def state_nbytes(state: TrainState, *, device: torch.device | str | None = None) -> dict[str, int]:
+    """Bytes this rank holds in each part of the state (distinct storages counted once).
+
+    Args:
+        device: count only tensors on this device type (``"cuda"``, ``"cpu"``); None: all.
+    """
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for part in ("params", "master", "opt_state", "scaler", "step"):
+        n = 0
+        for t in _leaves(getattr(state, part)):
+            if device is not None and t.device.type != torch.device(device).type:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if key in seen:
+                continue
+            seen.add(key)
+            n += t.numel() * t.element_size()
+        out[part] = n
+    out["total"] = sum(out.values())
+    return out
+
+
+def _release(model: nn.Module, binding: Binding) -> None:
+    """Replace the module's trainable parameters with meta tensors: the state owns them now."""
+    for path, names in binding.aliases.items():
+        mod_path, _, leaf = names[0].rpartition(".")
+        old = model.get_submodule(mod_path)._parameters[leaf]
+        ghost = nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
+        for name in names:
+            mp, _, ln = name.rpartition(".")
+            model.get_submodule(mp)._parameters[ln] = ghost
+
+
+def init(
+    model: nn.Module,
+    tx: GradientTransformation,
+    plan: Plan,
+    *,
+    precision: Precision | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+    release: bool = True,
+) -> TrainState:
+    """The initial training state of ``model`` under ``plan``.
+
+    Each group's leaves are packed (in the master dtype, so the fp32 master is exact) into one
+    flat buffer; each rank keeps what its stage holds and drops the rest.
+
+    Args:
+        model: any ``nn.Module``; its trainable parameters are the initial values (or ``params``).
+        tx: the optimizer; its state is built over the master (or param) buffers.
+        plan: from :func:`funzero.zero`.
+        precision: ``funzero.fp32()`` (default), ``bf16()`` or ``fp16()``.
+        params: initial values by leaf path, overriding the module's own.
+        release: replace the module's parameters by meta tensors, so the module is a template
+            and the state is the only owner of parameter memory (ZeRO's memory needs this).
+
+    Returns:
+        a :class:`TrainState` on ``plan.mesh.device``.
+    """
+    precision = precision or fp32()
+    binding = bind(model, plan, precision)
+    device = plan.mesh.device
+    named = dict(model.named_parameters())
+    values = {p: (params[p] if params is not None and p in params else named[p]) for p in binding.paths}
+    for p, v in values.items():
+        if v.device.type == "meta":
+            raise ValueError(f"parameter {p!r} is on the meta device; pass its value in params=")
+    stage, rank = plan.stage, plan.rank
+    master_dtype = precision.opt_dtype
+    out_params, out_master = {}, {}
+    for g, lay in binding.layouts.items():
+        full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=torch.zeros(lay.padded, dtype=master_dtype, device=device))
+        own = lay.shard(full, rank)
+        if stage == 3:
+            out_params[g] = own.to(precision.param_dtype, copy=True)
+        else:
+            out_params[g] = full.to(precision.param_dtype, copy=True)
+        if precision.has_master:
+            out_master[g] = (full if stage == 0 else own.clone())
+        del full, own
+    opt_target = out_master if precision.has_master else (
+        out_params if stage in (0, 3) else {g: binding.layouts[g].shard(t, rank) for g, t in out_params.items()}
+    )
+    from funzero.optim import MultiSteps
+
+    if isinstance(tx, MultiSteps):
+        # The accumulator holds what backward produces: stage 1 full local gradients, else
+        # gradients shaped like the optimizer's target.
+        grad_like = out_params if stage == 1 else opt_target
+        opt_state = tx.init(opt_target, grad_like=grad_like)
+    else:
+        opt_state = tx.init(opt_target)
+    scaler = None
+    if precision.loss_scaling is not None:
+        from funzero._scaler import init_scaler
+
+        scaler = init_scaler(precision.loss_scaling, device)
+    if release:
+        _release(model, binding)
+    BINDINGS[model] = binding
+    return TrainState(
+        torch.zeros((), dtype=torch.int64, device=device),
+        out_params,
+        out_master if precision.has_master else None,
+        opt_state,
+        scaler,
+        binding,
+    )
+
+
+def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The full parameters ``{leaf path: tensor}`` on every rank (a collective in stage 3).
+
+    Args:
+        plan: needed to gather stage-3 shards across ranks (the plan the state was made with).
+        dtype: cast to this dtype (default: the master dtype where there is one, so fp32
+            training returns exact values; bf16 returns the fp32 master, gathered).
+    """
+    b = state.binding
+    out = {}
+    use_master = state.master is not None
+    for g, lay in b.layouts.items():
+        src = state.master[g] if use_master else state.params[g]
+        sharded = (b.stage >= 1) if use_master else (b.stage == 3)
+        if sharded and b.num_shards > 1:
+            if plan is None:
+                raise ValueError("gather_params of a sharded state needs the plan (its mesh)")
+            full = all_gather(src.detach().to(plan.mesh.device), plan.mesh, plan.axis, tag="gather_params")
+        else:
+            full = src.detach()
+        for path, v in lay.unpack(full).items():
+            out[path] = v.to(dtype or v.dtype, copy=True)
+    return out

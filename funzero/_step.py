@@ -1,0 +1,302 @@
+"""The train step: ``step(state, batch) -> (state, metrics)``, one program for every stage.
+
+Design note:
+
+* **Gradients come from ``torch.autograd.grad``** over ``torch.func.functional_call``, on fresh
+  leaves made inside the step, so the step stays a pure function of ``(state, batch)``. Not
+  ``torch.func.grad``: measured on torch 2.13, (1) torch.func refuses the saved-tensor hooks that
+  let stage 3 re-gather in backward, and (2) under ``torch.compile`` dynamo's ``torch.func.grad``
+  differentiates through a custom ``autograd.Function``'s forward and silently drops its
+  backward, i.e. the gradient reduce-scatter would vanish. ``torch.autograd.grad`` keeps the
+  custom backward under compile, and traces into one graph where dynamo allows it
+  (``torch._dynamo.config.trace_autograd_ops``, set here when the running torch has it).
+* **The reduce is the gradient of the gather.** Each group's differentiable *anchor* (its fp32
+  master shard where there is one and communication happens, else the param buffer itself) goes
+  through a collective ``autograd.Function`` (``_collectives.py``) whose backward reduces the
+  group's gradient as soon as backward has finished with it.
+* **Donation.** The incoming state's buffers are updated in place (fused optimizer kernels, the
+  in-place all-gather of stages 1-2); do not use it after the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from funzero._collectives import AllReduceGrad, CommSpec, Link, ScatterGrad, all_gather, all_reduce, reduce_scatter
+from funzero._gather import Stage3Hooks
+from funzero._plan import Plan
+from funzero._state import BINDINGS, TrainState
+from funzero.optim import GradientTransformation, ShardInfo, tree_map
+from funzero.optim._accumulate import MultiSteps, MultiStepsState
+
+__all__ = ["train_step"]
+
+if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+    # Lets dynamo put torch.autograd.grad into the step's graph (torch >= 2.13); older versions
+    # break the graph there and compile forward/backward and the update separately.
+    torch._dynamo.config.trace_autograd_ops = True
+
+LossFn = Callable[[Callable[..., Any], Any], Any]
+
+
+def _local_batch(batch: Any, plan: Plan) -> Any:
+    """This rank's slice of dim 0 of every tensor in a global batch."""
+    n = plan.num_shards
+    if plan.batch == "local" or n == 1:
+        return batch
+    r = plan.rank
+    paths, leaves, spec = optree.tree_flatten_with_path(batch, namespace="funzero")
+    out = []
+    for path, x in zip(paths, leaves):
+        if not isinstance(x, torch.Tensor):
+            out.append(x)
+            continue
+        name = ".".join(map(str, path)) or "batch"
+        if x.dim() == 0 or x.shape[0] % n:
+            raise ValueError(
+                f"batch leaf {name!r} has shape {tuple(x.shape)}: dim 0 must divide over {n} ranks"
+            )
+        b = x.shape[0] // n
+        out.append(x[r * b : (r + 1) * b])
+    return optree.tree_unflatten(spec, out)
+
+
+class _Engine:
+    """Everything the step needs that is fixed when it is built."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, tx: GradientTransformation, plan: Plan, has_aux: bool):
+        self.model, self.loss_fn, self.tx, self.plan, self.has_aux = model, loss_fn, tx, plan, has_aux
+        self.multi = tx if isinstance(tx, MultiSteps) else None
+        self.inner = tx.inner if self.multi is not None else tx
+        self.hooks: Stage3Hooks | None = None
+        self.binding = None
+
+    def prepare(self, state: TrainState) -> None:
+        if self.binding is not state.binding:
+            self.prepare_binding(state.binding)
+
+    def prepare_binding(self, b) -> None:
+        p = self.plan
+        if b.num_shards != p.num_shards:
+            raise ValueError(
+                f"state was initialised for {b.num_shards} ranks on axis {p.axis!r}, the plan's mesh has {p.num_shards}"
+            )
+        if b.stage != p.stage:
+            raise ValueError(f"state was initialised for ZeRO stage {b.stage}, the plan is stage {p.stage}")
+        if b.rank != p.rank:
+            raise ValueError(f"state belongs to rank {b.rank}, this process is rank {p.rank}")
+        self.binding = b
+        self.spec = CommSpec(p.mesh, p.axis, b.precision.reduce_dtype)
+        if p.stage == 3 and p.num_shards > 1:
+            if self.hooks is not None:
+                self.hooks.remove()
+            self.hooks = Stage3Hooks(self.model, b, self.spec)
+
+    # --- forward and backward -----------------------------------------------------------------
+    def anchors_and_sources(self, state: TrainState) -> tuple[dict, dict, bool]:
+        """The tensors to differentiate, and what forward computes with; plus master-anchored?"""
+        p, b = self.plan, state.binding
+        comm = p.num_shards > 1 and p.stage != 1
+        use_master = state.master is not None and comm
+        anchors = {}
+        for g in b.layouts:
+            src = state.master[g] if use_master else state.params[g]
+            if p.stage == 2 and not use_master and comm:
+                src = b.layouts[g].shard(state.params[g], b.rank)
+            anchors[g] = src.detach().requires_grad_()
+        return anchors, state.params, use_master
+
+    def forward_backward(self, state: TrainState, batch: Any, loss_scale: torch.Tensor | None):
+        p, b = self.plan, state.binding
+        anchors, sources, use_master = self.anchors_and_sources(state)
+        n = p.num_shards
+        leaves: dict[str, torch.Tensor] = {}
+        stage3 = p.stage == 3 and n > 1
+        if not stage3:
+            for g, lay in b.layouts.items():
+                a, src = anchors[g], sources[g]
+                if n > 1 and p.stage == 0:
+                    full = AllReduceGrad.apply(a, src, self.spec)
+                elif n > 1 and p.stage == 2:
+                    full = ScatterGrad.apply(a, src, self.spec)
+                elif use_master or a.dtype != src.dtype:
+                    full = Link.apply(a, src)
+                else:
+                    full = a  # differentiate the param buffer itself
+                leaves.update(lay.unpack(full))
+        model = self.model
+
+        def apply(*args, **kwargs):
+            return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
+
+        if stage3:
+            regather = not torch.compiler.is_compiling()
+            with self.hooks.activate(anchors, sources, regather=regather):
+                out = self.loss_fn(apply, batch)
+                loss, aux = (out if self.has_aux else (out, None))
+                scaled = loss * loss_scale if loss_scale is not None else loss
+                grads = torch.autograd.grad(scaled, list(anchors.values()))
+        else:
+            out = self.loss_fn(apply, batch)
+            loss, aux = (out if self.has_aux else (out, None))
+            scaled = loss * loss_scale if loss_scale is not None else loss
+            grads = torch.autograd.grad(scaled, list(anchors.values()))
+        return dict(zip(anchors, grads)), loss.detach(), aux
+
+    # --- the update ----------------------------------------------------------------------------
+    def finish_reduce(self, grads: dict, state: TrainState) -> dict:
+        """Stage 1 reduces once per optimizer step, here; the other stages did so in backward."""
+        p, b = self.plan, state.binding
+        if p.stage != 1 or p.num_shards == 1:
+            return grads
+        rd = b.precision.reduce_dtype
+        return {g: reduce_scatter(x if rd is None else x.to(rd), p.mesh, p.axis, tag="grad") for g, x in grads.items()}
+
+    def opt_target(self, state: TrainState) -> tuple[dict, dict | None]:
+        """What the optimizer updates (master or params, this rank's part) and the param copy."""
+        p, b = self.plan, state.binding
+
+        def own(t, g):
+            return t if p.stage in (0, 3) else b.layouts[g].shard(t, b.rank)
+
+        params_own = {g: own(t, g) for g, t in state.params.items()}
+        if state.master is not None:
+            return state.master, params_own
+        return params_own, None
+
+    def apply_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf):
+        p, b = self.plan, state.binding
+        target, param_out = self.opt_target(state)
+        info = ShardInfo(
+            b.layouts,
+            b.rank,
+            sharded=p.stage >= 1 and p.num_shards > 1,
+            psum=lambda x: all_reduce(x, p.mesh, p.axis, op="sum", tag="norm"),
+        )
+        tx = self.inner
+        if tx.fused_apply is not None:
+            new_opt = tx.fused_apply(grads, opt_state, target, param_out=param_out, grad_scale=grad_scale, found_inf=found_inf, info=info)
+        else:
+            if grad_scale is not None:
+                grads = {g: x * grad_scale.to(x.dtype) for g, x in grads.items()}
+            updates, new_opt = tx.update(grads, opt_state, target, info=info)
+            if found_inf is not None:
+                skip = found_inf != 0
+                new_opt = tree_map(lambda new, old: torch.where(skip, old, new), new_opt, opt_state)
+                updates = tree_map(lambda u: torch.where(skip, torch.zeros_like(u), u), updates)
+            for g, u in updates.items():
+                target[g].add_(u.to(target[g].dtype))
+                if param_out is not None:
+                    param_out[g].copy_(target[g])
+        if p.stage in (1, 2) and p.num_shards > 1:
+            # Stages 1-2 hold full params: every rank gathers the updated shards, in place.
+            for g, full in state.params.items():
+                all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
+        return new_opt
+
+    def nonfinite(self, grads: dict) -> torch.Tensor:
+        """1.0 if any rank's gradient holds an inf/NaN (one all-reduce of a scalar), else 0.0."""
+        flags = torch.stack([(~torch.isfinite(x)).any() for x in grads.values()]).any().to(torch.float32)
+        return all_reduce(flags, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
+
+    def __call__(self, state: TrainState, batch: Any):
+        self.prepare(state)
+        p, b = self.plan, state.binding
+        batch = _local_batch(batch, p)
+        cfg = b.precision.loss_scaling
+        loss_scale = state.scaler.scale if cfg is not None else None
+        grads, loss, aux = self.forward_backward(state, batch, loss_scale)
+        metrics: dict[str, Any] = {}
+        opt_state = state.opt_state
+        if self.multi is not None:
+            ms: MultiStepsState = opt_state
+            acc = self.multi.accumulate(ms, grads)
+            ready = self.multi.is_ready(ms)
+            if not ready:
+                new_state = state.replace(opt_state=MultiStepsState(ms.mini_step + 1, acc, ms.inner_state))
+                metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
+                metrics["applied"] = torch.zeros((), dtype=torch.bool, device=loss.device)
+                return new_state, _with_aux(metrics, aux)
+            grads = self.multi.mean(acc)
+            inner_state = ms.inner_state
+        else:
+            inner_state = opt_state
+        grads = self.finish_reduce(grads, state)
+        grad_scale = found_inf = None
+        if cfg is not None:
+            found_inf = self.nonfinite(grads)
+            grad_scale = (1.0 / state.scaler.scale).to(torch.float32)
+        new_inner = self.apply_update(state, grads, inner_state, grad_scale, found_inf)
+        if self.multi is not None:
+            new_opt = MultiStepsState(torch.zeros_like(opt_state.mini_step), self.multi.zeros(acc), new_inner)
+            metrics["applied"] = torch.ones((), dtype=torch.bool, device=loss.device)
+        else:
+            new_opt = new_inner
+        scaler = state.scaler
+        step = state.step + 1
+        if cfg is not None:
+            from funzero._scaler import update_scaler
+
+            scaler = update_scaler(state.scaler, found_inf, cfg)
+            step = state.step + (found_inf == 0).to(state.step.dtype)
+            metrics["skipped"] = found_inf != 0
+            metrics["loss_scale"] = state.scaler.scale
+        metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
+        return state.replace(step=step, opt_state=new_opt, scaler=scaler), _with_aux(metrics, aux)
+
+
+def _with_aux(metrics: dict, aux: Any) -> dict:
+    if aux is not None:
+        metrics["aux"] = optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, aux)
+    return metrics
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    tx: GradientTransformation,
+    plan: Plan,
+    *,
+    has_aux: bool = False,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """Build ``step(state, batch) -> (state, metrics)`` for ``model`` under ``plan``.
+
+    Args:
+        model: the module passed to :func:`funzero.init` (a template after ``init``).
+        loss_fn: ``loss_fn(apply, batch) -> loss`` (or ``(loss, aux)`` with ``has_aux``), where
+            ``apply(*args, **kwargs)`` runs the model with the state's parameters.
+        tx: the optimizer passed to ``init``.
+        plan: the plan passed to ``init``.
+
+    Returns:
+        A pure step: the incoming state is donated (updated in place) and must not be reused.
+        ``metrics`` holds device tensors (``loss``: the mean over ranks; ``skipped`` with fp16;
+        ``applied`` with gradient accumulation): nothing in the step waits on the host.
+
+    Graph breaks under ``torch.compile``: none on torch >= 2.13 for stages 0-2 and one-rank
+    stage 3; stage 3 on several ranks uses module hooks that dynamo traces, but re-gathering in
+    backward is eager-only (see ``_gather.py``). Older torch breaks the graph at
+    ``torch.autograd.grad``. Gradient accumulation branches on the host (one sync per micro-step).
+
+    Example:
+        >>> def loss_fn(apply, batch):
+        ...     x, y = batch
+        ...     return F.cross_entropy(apply(x).flatten(0, 1), y.flatten())
+        >>> step = torch.compile(train_step(model, loss_fn, tx, plan))
+        >>> state, metrics = step(state, batch)
+    """
+    engine = _Engine(model, loss_fn, tx, plan, has_aux)
+    if model in BINDINGS:
+        engine.prepare_binding(BINDINGS[model])
+
+    def step(state: TrainState, batch: Any):
+        return engine(state, batch)
+
+    step.engine = engine  # for introspection in tests and benchmarks
+    return step

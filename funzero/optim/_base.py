@@ -1,0 +1,165 @@
+"""The optimizer protocol: optax's ``GradientTransformation(init, update)`` over tensor pytrees.
+
+``update(updates, state, params=None, *, info=None) -> (updates, state)``. Hyperparameters live
+in closures, everything that changes lives in ``state`` (NamedTuples of tensors).
+
+Under ZeRO the trees are ``{group: flat shard}``; ``info`` (a :class:`ShardInfo`) tells a
+transform that needs it how shards map back to leaves (per-leaf masks, per-leaf norms) and how to
+sum a scalar over the shard axis (global norms). Without ``info`` every dict entry is one leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from shardspec import FlatLayout
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "ShardInfo",
+    "apply_updates",
+    "chain",
+    "identity",
+    "named_chain",
+    "tree_map",
+]
+
+Tree = Any
+
+
+def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    """``optree.tree_map`` with ``None`` treated as a leaf-less node (optax's convention)."""
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=False, namespace="funzero")
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transform."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """How the trees a transform sees relate to the model's leaves.
+
+    Attributes:
+        layouts: ``{group: FlatLayout}`` for the flat buffers in the trees.
+        rank: which shard of each layout this rank holds (0 when not sharded).
+        sharded: whether the trees hold shards (True) or full buffers (False).
+        psum: sums a tensor over the ranks that hold the other shards (identity if not sharded).
+    """
+
+    layouts: Mapping[str, FlatLayout]
+    rank: int = 0
+    sharded: bool = False
+    psum: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+
+    def segments(self, group: str) -> list[tuple[str, int, int]]:
+        """``(leaf path, start, stop)`` of each leaf piece inside this rank's buffer of ``group``."""
+        layout = self.layouts[group]
+        if not self.sharded:
+            return [(s.path, s.offset, s.offset + s.numel) for s in layout.slots]
+        base = layout.shard_range(self.rank)[0]
+        return [
+            (s.path, s.offset + a - base, s.offset + b - base) for s, a, b in layout.leaf_ranges(self.rank)
+        ]
+
+
+class GradientTransformation:
+    """A pair of pure functions ``init(params) -> state`` and ``update(...) -> (updates, state)``.
+
+    ``fused_apply``, when present, performs ``update`` *and* the application to the master
+    weights in one pass (and writes the low-precision parameter copy): the engine calls it
+    instead of ``update`` + :func:`apply_updates`. It must compute the same function.
+    """
+
+    def __init__(
+        self,
+        init: Callable[[Tree], Any],
+        update: Callable[..., tuple[Tree, Any]],
+        fused_apply: Callable[..., Any] | None = None,
+    ) -> None:
+        self.init = init
+        self.update = update
+        self.fused_apply = fused_apply
+
+    def __iter__(self):  # allows `init, update = tx` as in optax
+        return iter((self.init, self.update))
+
+
+def identity() -> GradientTransformation:
+    """Pass updates through unchanged."""
+    return GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None, **k: (u, s))
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transforms in sequence; the state is the tuple of their states.
+
+    If the last transform can fuse its application (:attr:`GradientTransformation.fused_apply`),
+    so can the chain: the earlier transforms run, then the last one's fused pass.
+    """
+    if not transforms:
+        raise ValueError("chain() needs at least one transform")
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise ValueError(f"chain: argument {i} is a {type(t).__name__}, not a GradientTransformation")
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates, state, params=None, **extra):
+        new = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params, **extra)
+            new.append(s)
+        return updates, tuple(new)
+
+    fused = None
+    last = transforms[-1]
+    if last.fused_apply is not None:
+
+        def fused(grads, state, master, **kw):
+            new = []
+            for t, s in zip(transforms[:-1], state[:-1]):
+                grads, s = t.update(grads, s, master, info=kw.get("info"))
+                new.append(s)
+            new.append(last.fused_apply(grads, state[-1], master, **kw))
+            return tuple(new)
+
+    return GradientTransformation(init, update, fused)
+
+
+def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """Like :func:`chain`, with the state a dict keyed by the given names."""
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"named_chain: duplicate names in {names}")
+    inner = chain(*(t for _, t in named))
+
+    def init(params):
+        return dict(zip(names, inner.init(params)))
+
+    def update(updates, state, params=None, **extra):
+        updates, s = inner.update(updates, tuple(state[n] for n in names), params, **extra)
+        return updates, dict(zip(names, s))
+
+    fused = None
+    if inner.fused_apply is not None:
+
+        def fused(grads, state, master, **kw):
+            return dict(zip(names, inner.fused_apply(grads, tuple(state[n] for n in names), master, **kw)))
+
+    return GradientTransformation(init, update, fused)
+
+
+def apply_updates(params: Tree, updates: Tree) -> Tree:
+    """``params + updates`` leaf by leaf, in the params' dtype (new tensors)."""
+    return tree_map(lambda p, u: (p + u.to(p.dtype)) if u is not None else p, params, updates)
+
+
+def as_list(x: Sequence[Any] | Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]

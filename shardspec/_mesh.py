@@ -1,0 +1,124 @@
+"""Mesh: named axes over torch.distributed process groups."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Mesh"]
+
+
+class Mesh:
+    """Named axes of ranks, e.g. ``("dp",)``; backed by a ``DeviceMesh`` when the world has > 1 rank.
+
+    A one-rank world needs no process group at all: every axis has size 1 and collectives on it
+    are the identity, so the same program runs under ``python`` and under ``torchrun``.
+
+    Example:
+        >>> mesh = Mesh.from_env(("dp",))      # torchrun's world, or one process
+        >>> mesh.size("dp"), mesh.rank("dp")
+        (1, 0)
+    """
+
+    def __init__(
+        self,
+        axis_names: Sequence[str],
+        shape: Sequence[int],
+        *,
+        device_type: str = "cpu",
+        device_mesh: "dist.device_mesh.DeviceMesh | None" = None,
+    ) -> None:
+        axis_names, shape = tuple(axis_names), tuple(int(s) for s in shape)
+        if len(axis_names) != len(shape):
+            raise ValueError(f"{len(axis_names)} axis names {axis_names} for a shape of {shape}")
+        if len(set(axis_names)) != len(axis_names):
+            raise ValueError(f"axis names must be unique, got {axis_names}")
+        if any(s < 1 for s in shape):
+            raise ValueError(f"axis sizes must be >= 1, got {shape}")
+        self.axis_names = axis_names
+        self.shape = shape
+        self.device_type = device_type
+        self._mesh = device_mesh
+
+    @classmethod
+    def from_env(
+        cls,
+        axis_names: Sequence[str] = ("dp",),
+        shape: Sequence[int] | None = None,
+        *,
+        device_type: str | None = None,
+        backend: str | None = None,
+    ) -> "Mesh":
+        """The mesh of the current world.
+
+        Uses the initialised default process group if there is one; otherwise initialises it from
+        torchrun's environment (``WORLD_SIZE`` > 1); otherwise returns a one-rank mesh.
+
+        Args:
+            axis_names: names of the axes, outermost first.
+            shape: sizes of the axes; ``None`` puts the whole world on the last axis.
+            device_type: ``"cuda"`` or ``"cpu"``; defaults to cuda when available.
+            backend: process-group backend when one must be initialised (nccl on cuda, else gloo).
+        """
+        if device_type is None:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not dist.is_initialized() and world > 1:
+            if device_type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend or ("nccl" if device_type == "cuda" else "gloo"))
+        if dist.is_initialized():
+            world = dist.get_world_size()
+        if shape is None:
+            shape = (1,) * (len(axis_names) - 1) + (world,)
+        if int(torch.tensor(shape).prod()) != world:
+            raise ValueError(f"mesh shape {tuple(shape)} does not cover the world of {world} ranks")
+        if world == 1:
+            return cls(axis_names, shape, device_type=device_type)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dm = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(axis_names))
+        return cls(axis_names, shape, device_type=device_type, device_mesh=dm)
+
+    # ---------------------------------------------------------------------------------------
+    def _axis_index(self, axis: str) -> int:
+        try:
+            return self.axis_names.index(axis)
+        except ValueError:
+            raise ValueError(f"mesh has axes {self.axis_names}, not {axis!r}") from None
+
+    def size(self, axis: str | None = None) -> int:
+        """Ranks along ``axis`` (all ranks when ``axis`` is None)."""
+        if axis is None:
+            return int(torch.tensor(self.shape).prod())
+        return self.shape[self._axis_index(axis)]
+
+    def rank(self, axis: str) -> int:
+        """This process's coordinate along ``axis``."""
+        i = self._axis_index(axis)
+        if self.shape[i] == 1:
+            return 0
+        assert self._mesh is not None
+        return self._mesh.get_local_rank(i)
+
+    def group(self, axis: str) -> "dist.ProcessGroup | None":
+        """The process group of ``axis``; ``None`` for an axis of size 1 (no communication)."""
+        i = self._axis_index(axis)
+        if self.shape[i] == 1:
+            return None
+        assert self._mesh is not None
+        return self._mesh.get_group(i)
+
+    @property
+    def device(self) -> torch.device:
+        """The local device ranks compute on."""
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(self.device_type)
+
+    def __repr__(self) -> str:
+        axes = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.shape))
+        return f"Mesh({axes}, device_type={self.device_type!r})"

@@ -1,0 +1,45 @@
+"""Small models and data shared by the engine tests."""
+
+from __future__ import annotations
+
+import torch
+
+from funzero.models import GPT, GPTConfig
+
+# Sizes chosen so that no group's numel divides evenly over 2 or 4 ranks: padding is exercised.
+TINY = GPTConfig(block_size=16, vocab_size=67, n_layer=2, n_head=2, n_embd=24, fused=False)
+GROUPS = [r"blocks\.(\d+)\."]
+
+
+def tiny_gpt(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg = TINY if not overrides else GPTConfig(**{**TINY.__dict__, **overrides})
+    return GPT(cfg).to(dtype)
+
+
+def batches(n: int, batch: int = 8, seq: int = 16, vocab: int = 67, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, vocab, (batch, seq), generator=g)
+        y = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append((x, y))
+    return out
+
+
+def lm_loss(apply, batch):
+    x, y = batch
+    return apply(x, y)
+
+
+def torch_reference(model: torch.nn.Module, data, *, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, clip=None, accumulate=1):
+    """Plain single-process PyTorch: the truth every stage and world size must reproduce."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    for i in range(0, len(data), accumulate):
+        opt.zero_grad()
+        for x, y in data[i : i + accumulate]:
+            (model(x, y) / accumulate).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
