@@ -159,3 +159,42 @@ def test_gradient_accumulation_equals_large_batch_pytorch():
         assert applied == [False, True, False, True]
         for k in ref:
             assert _rel(got[k], ref[k]) < 1e-10, (stage, k)
+
+
+def test_bad_plans_fail_at_init_naming_the_leaf():
+    with pytest.raises(ValueError, match=r"leaf 'wte.weight' is matched by no group rule"):
+        fz.init(tiny_gpt(), fz.optim.sgd(0.1), fz.zero(2, groups=GROUPS, rest=None))
+    with pytest.raises(ValueError, match=r"leaf 'blocks.0.attn.c_attn.weight' is assigned twice"):
+        fz.init(tiny_gpt(), fz.optim.sgd(0.1), fz.zero(2, groups={"attn": r"attn", "block0": r"blocks\.0\."}))
+    with pytest.raises(ValueError, match=r"rule 'decoder.*matches no leaf"):
+        fz.init(tiny_gpt(), fz.optim.sgd(0.1), fz.zero(2, groups=[r"decoder\."]))
+    with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3, got stage=4"):
+        fz.zero(4)
+
+
+def _bad_batch_and_world(rank, world):
+    from shardspec import Mesh
+
+    errors = {}
+    model = tiny_gpt()
+    plan = fz.zero(2, groups=GROUPS)
+    tx = fz.optim.sgd(0.1)
+    state = fz.init(model, tx, plan)
+    step = fz.train_step(model, lm_loss, tx, plan)
+    x, y = batches(1, batch=3)[0]  # 3 rows over 2 ranks
+    try:
+        step(state, (x, y))
+    except ValueError as e:
+        errors["batch"] = str(e)
+    solo = fz.zero(2, mesh=Mesh(("dp",), (1,)), groups=GROUPS)  # a one-rank plan on a 2-rank state
+    try:
+        fz.train_step(tiny_gpt(), lm_loss, tx, solo)(state, batches(1)[0])
+    except ValueError as e:
+        errors["world"] = str(e)
+    return errors
+
+
+def test_bad_batch_and_mismatched_world_name_the_value():
+    errors = run_world(_bad_batch_and_world, 2)[0]
+    assert "batch leaf '0' has shape (3, 16): dim 0 must divide over 2 ranks" in errors["batch"]
+    assert "initialised for 2 ranks on axis 'dp', the plan's mesh has 1" in errors["world"]
