@@ -180,7 +180,9 @@ class _Engine:
             psum=lambda x: all_reduce(x, p.mesh, p.axis, op="sum", tag="norm"),
         )
         tx = self.inner
-        if tx.fused_apply is not None:
+        # The fused kernels keep fp32 master/moments; other dtypes (fp64 tests) take the chain.
+        fusable = all(t.dtype == torch.float32 for t in target.values())
+        if tx.fused_apply is not None and fusable:
             new_opt = tx.fused_apply(grads, opt_state, target, param_out=param_out, grad_scale=grad_scale, found_inf=found_inf, info=info)
         else:
             if grad_scale is not None:

@@ -32,14 +32,32 @@ def lm_loss(apply, batch):
     return apply(x, y)
 
 
-def torch_reference(model: torch.nn.Module, data, *, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, clip=None, accumulate=1):
-    """Plain single-process PyTorch: the truth every stage and world size must reproduce."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+def torch_reference(model: torch.nn.Module, data, *, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, clip=None, accumulate=1, decay=None):
+    """Plain single-process PyTorch: the truth every stage and world size must reproduce.
+
+    ``decay``: a regex; only matching parameters get weight decay (two param groups).
+    """
+    import re
+
+    named = list(model.named_parameters())
+    if decay is None:
+        groups = [{"params": [p for _, p in named]}]
+    else:
+        groups = [
+            {"params": [p for n, p in named if re.search(decay, n)]},
+            {"params": [p for n, p in named if not re.search(decay, n)], "weight_decay": 0.0},
+        ]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     for i in range(0, len(data), accumulate):
         opt.zero_grad()
         for x, y in data[i : i + accumulate]:
             (model(x, y) / accumulate).backward()
         if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            # optax's clip_by_global_norm: scale by max_norm / norm when norm >= max_norm
+            # (torch.nn.utils.clip_grad_norm_ adds 1e-6 to the norm, a different function).
+            norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+            if norm >= clip:
+                for p in model.parameters():
+                    p.grad.mul_(clip / norm)
         opt.step()
     return {k: v.detach().clone() for k, v in model.named_parameters()}

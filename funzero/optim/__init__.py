@@ -1,6 +1,7 @@
 """funzero.optim: optax-style gradient transformations that work unchanged under every ZeRO stage."""
 
 from funzero.optim._accumulate import MultiSteps, MultiStepsState, multi_steps
+from funzero.optim._inject import InjectHyperparamsState, inject_hyperparams
 from funzero.optim._base import (
     EmptyState,
     GradientTransformation,
@@ -31,6 +32,7 @@ from funzero.optim._transforms import (
     lamb,
     lion,
     masked,
+    partition,
     scale,
     scale_by_adam,
     scale_by_learning_rate,
@@ -42,6 +44,9 @@ from funzero.optim._transforms import (
 )
 
 __all__ = [
+    "InjectHyperparamsState",
+    "inject_hyperparams",
+    "partition",
     "MultiSteps",
     "MultiStepsState",
     "multi_steps",

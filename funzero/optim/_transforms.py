@@ -28,6 +28,7 @@ __all__ = [
     "lamb",
     "lion",
     "masked",
+    "partition",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
@@ -48,14 +49,16 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+# Messages are built only on failure: the builders also run inside traced steps
+# (inject_hyperparams), where formatting a closure would break the graph.
 def _nonneg(name: str, value: Any) -> None:
-    if isinstance(value, (int, float)):
-        _check(value >= 0, f"{name} must be >= 0, got {name}={value}")
+    if isinstance(value, (int, float)) and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {name}={value}")
 
 
 def _unit(name: str, value: Any) -> None:
-    if isinstance(value, (int, float)):
-        _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {name}={value}")
+    if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {name}={value}")
 
 
 def _value(v: ScalarOrSchedule, count: torch.Tensor) -> torch.Tensor | float:
@@ -116,7 +119,8 @@ class ScaleByScheduleState(NamedTuple):
 
 def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
     """Multiply updates by ``step_size_fn(count)``."""
-    _check(callable(step_size_fn), f"scale_by_schedule needs a callable, got {step_size_fn!r}")
+    if not callable(step_size_fn):
+        raise ValueError(f"scale_by_schedule needs a callable, got {step_size_fn!r}")
 
     def init(params):
         return ScaleByScheduleState(_count0(params))
@@ -189,9 +193,66 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     return GradientTransformation(inner.init, update)
 
 
+def partition(transforms: dict[str, GradientTransformation], labels: Callable[[str], str] | Sequence[tuple[str, str]]) -> GradientTransformation:
+    """Apply a different transform to each class of leaves (optax's ``multi_transform``).
+
+    Args:
+        transforms: ``{label: transform}``.
+        labels: ``path -> label``, or ordered ``(regex, label)`` rules (first match wins; a leaf
+            no rule matches is an error naming it).
+
+    Each transform's state covers whole buffers (see :func:`masked`); outputs are taken per leaf.
+    """
+    if not transforms:
+        raise ValueError("partition() needs at least one transform")
+    if callable(labels):
+        label_of = labels
+    else:
+        rules = [(re.compile(p), lab) for p, lab in labels]
+        for _, lab in rules:
+            _check(lab in transforms, f"partition: label {lab!r} has no transform (have {sorted(transforms)})")
+
+        def label_of(path: str) -> str:
+            for rx, lab in rules:
+                if rx.search(path):
+                    return lab
+            raise ValueError(f"partition: leaf {path!r} is matched by no label rule")
+
+    def init(params):
+        return {k: t.init(params) for k, t in transforms.items()}
+
+    def update(updates, state, params=None, info: ShardInfo | None = None, **kw):
+        news, states = {}, {}
+        for lab, t in transforms.items():
+            news[lab], states[lab] = t.update(updates, state[lab], params, info=info, **kw)
+        out = {}
+        for name, u in updates.items():
+            o = torch.empty_like(news[next(iter(transforms))][name])
+            if info is None:
+                lab = label_of(name)
+                _check(lab in transforms, f"partition: leaf {name!r} has label {lab!r}, which has no transform")
+                out[name] = news[lab][name]
+                continue
+            covered = 0
+            for path, a, b in info.segments(name):
+                lab = label_of(path)
+                _check(lab in transforms, f"partition: leaf {path!r} has label {lab!r}, which has no transform")
+                o[a:b] = news[lab][name][a:b]
+                covered += b - a
+            if covered < u.numel():  # padding: belongs to no leaf, carries zeros
+                mask = torch.ones(u.numel(), dtype=torch.bool, device=u.device)
+                for _, a, b in info.segments(name):
+                    mask[a:b] = False
+                o[mask] = 0
+            out[name] = o
+        return out, states
+
+    return GradientTransformation(init, update)
+
+
 def global_norm(tree, info: ShardInfo | None = None) -> torch.Tensor:
     """L2 norm over every element of the tree (fp32), summed across shards when sharded."""
-    sq = [t.to(torch.float32).pow(2).sum() for t in tree.values()]
+    sq = [t.to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum() for t in tree.values()]
     total = torch.stack(sq).sum() if sq else torch.zeros(())
     if info is not None and info.sharded:
         total = info.psum(total)
@@ -204,7 +265,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     Under ZeRO the squared norm of each rank's shard is summed over the shard axis with one
     all-reduce of a scalar, so every rank clips by the norm of the whole gradient.
     """
-    _check(max_norm > 0, f"clip_by_global_norm needs max_norm > 0, got {max_norm=}")
+    if not max_norm > 0:
+        raise ValueError(f"clip_by_global_norm needs max_norm > 0, got {max_norm=}")
 
     def update(updates, state, params=None, info: ShardInfo | None = None, **_):
         norm = global_norm(updates, info)
@@ -280,7 +342,8 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool =
     """
     _nonneg("momentum", momentum)
     _nonneg("weight_decay", weight_decay)
-    _check(not nesterov or momentum > 0, f"nesterov needs momentum > 0, got {momentum=}")
+    if nesterov and not momentum > 0:
+        raise ValueError(f"nesterov needs momentum > 0, got {momentum=}")
     parts = []
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay))  # L2: added to the gradient before momentum
@@ -320,7 +383,9 @@ def adamw(
     """
     _nonneg("weight_decay", weight_decay)
     inner = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
-    if not fused:
+    if not fused or not all(isinstance(v, (int, float)) for v in (b1, b2, eps, weight_decay)):
+        # The fused kernel takes b1/b2/eps/decay as constants; tensors (inject_hyperparams) take
+        # the unfused chain. The learning rate may be a tensor or schedule either way.
         return inner
     keep = _mask_fn(mask) or (lambda path: True)
 
@@ -342,15 +407,16 @@ def adamw(
                 pos = b
             if pos < n:
                 cuts.append((pos, n, 0.0))
-            po = None if param_out is None else param_out[k]
+            # The kernel works on flat 1-D buffers; leaves of any shape are viewed flat.
+            m_, g_, mu_, nu_ = (t.view(-1) for t in (master[k], g, adam_state.mu[k], adam_state.nu[k]))
+            po = None if param_out is None else param_out[k].view(-1)
             for a, b, wd in cuts:
-                whole = a == 0 and b == n
                 ops.adamw_(
-                    master[k] if whole else master[k][a:b],
-                    g if whole else g[a:b],
-                    adam_state.mu[k] if whole else adam_state.mu[k][a:b],
-                    adam_state.nu[k] if whole else adam_state.nu[k][a:b],
-                    None if po is None else (po if whole else po[a:b]),
+                    m_[a:b],
+                    g_[a:b],
+                    mu_[a:b],
+                    nu_[a:b],
+                    None if po is None else po[a:b],
                     lr=lr, step=step, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
                     grad_scale=grad_scale, found_inf=found_inf,
                 )
@@ -401,7 +467,8 @@ def scale_by_trust_ratio(min_norm: float = 0.0, eps: float = 0.0) -> GradientTra
         segs = {k: (info.segments(k) if info is not None else [(k, 0, u.numel())]) for k, u in updates.items()}
         sq = []
         for k, u in updates.items():
-            p, uf = params[k].to(torch.float32).reshape(-1), u.to(torch.float32).reshape(-1)
+            dt = torch.promote_types(u.dtype, torch.float32)
+            p, uf = params[k].to(dt).reshape(-1), u.to(dt).reshape(-1)
             for _, a, b in segs[k]:
                 sq.append(torch.stack([p[a:b].pow(2).sum(), uf[a:b].pow(2).sum()]))
         sums = torch.stack(sq) if sq else torch.zeros(0, 2)
