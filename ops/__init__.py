@@ -1,0 +1,32 @@
+"""funzero.ops: fused Triton kernels, each with a torch reference beside it.
+
+Dispatch: CUDA tensors run the Triton kernels, CPU tensors the torch
+references, unless :class:`backend` says otherwise ("triton" runs the kernels
+on CPU tensors under ``TRITON_INTERPRET=1``; "torch" runs the references
+everywhere). Every op is a ``torch.library`` custom op with a fake
+implementation, so ``torch.compile(fullgraph=True)`` traces it as one node.
+
+The references are importable as ``funzero.ops.reference.<op>``.
+"""
+
+from . import reference
+from ._adamw import adamw_, nonfinite_
+from ._cross_entropy import cross_entropy
+from ._dispatch import backend, get_backend
+from ._gelu import bias_gelu
+from ._norms import layer_norm, rms_norm
+from ._quant import dequantize_int8, quantize_int8
+
+__all__ = [
+    "adamw_",
+    "backend",
+    "bias_gelu",
+    "cross_entropy",
+    "dequantize_int8",
+    "get_backend",
+    "layer_norm",
+    "nonfinite_",
+    "quantize_int8",
+    "reference",
+    "rms_norm",
+]

@@ -1,0 +1,383 @@
+"""Fused AdamW over one flat shard: the optimizer's hot path.
+
+One pass reads master, grad, mu, nu once and writes master, mu, nu and the
+low-precision parameter copy once: 4+2+4+4 read + 4+4+4+2 written = 28 bytes
+per parameter with a bf16 gradient and a bf16 copy. Everything else (loss-scale
+unscale, clip coefficient, inf check, bias correction) is folded in, and
+nothing is read back to the host.
+
+Footguns this file guards:
+
+* Bias correction ``1 - beta**step`` loses most of its digits in fp32 early in
+  training (``1 - fp32(0.999)`` is off by 1.3e-5 relative), so the kernel
+  computes it in fp64 by repeated squaring, with the betas as compile-time
+  constants carrying their exact double values. Betas never change during
+  training, so this costs one compilation.
+* ``found_inf`` is read on the device: each program loads it and runs zero
+  iterations when it is set. No host sync, so skipped steps stay async.
+* A mutating kernel must not be autotuned by timing it on the live buffers
+  (the autotuner would need 12 bytes/param of clones, and a first step that
+  overflows would time no-op launches and cache a bogus winner), so the launch
+  configuration is fixed; ``benchmarks/ops.py`` sweeps the alternatives.
+* Full tiles run unmasked (vectorised 16-byte accesses for any length); the
+  ragged tail is a second, masked launch of one program.
+"""
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._dispatch import INTERPRET, cast_to, num_sms, tl, triton, use_triton
+
+__all__ = ["adamw_", "nonfinite_", "adamw_reference_", "nonfinite_reference_"]
+
+# Launch configuration (see the module docstring for why it is not autotuned).
+# 4096 fp32 elements per tile = 16 per thread at 8 warps: four 16-byte loads
+# per stream in flight per thread, enough to cover DRAM latency at 2 CTAs/SM.
+# The interpreter pays per program and per tile, not per element: bigger tiles
+# keep CPU tests fast and run the very same kernel code.
+_BLOCK = 16384 if INTERPRET else 4096
+_NUM_WARPS = 8
+_PROGRAMS_PER_SM = 4  # persistent grid: 4 CTAs per SM loop over the tiles
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _powi_f64(base, e):
+    """``base ** e`` for fp64 scalar ``base`` and int32 ``e >= 0`` (31 squarings, unrolled)."""
+    result = tl.full((), 1.0, tl.float64)
+    for _ in tl.static_range(31):
+        result = tl.where((e & 1) != 0, result * base, result)
+        base = base * base
+        e = e >> 1
+    return result
+
+
+@triton.jit
+def _adamw_kernel(
+    master_ptr, grad_ptr, mu_ptr, nu_ptr, out_ptr,  # flat (n,) each; out_ptr unused without HAS_OUT
+    lr_ptr, lr_value,  # 0-d fp32 tensor, or a float when LR_FROM_PTR is False
+    step_ptr, step_value,  # 0-d tensor (fp32 or int), or an int when STEP_FROM_PTR is False
+    scale_ptr, flag_ptr,  # optional 0-d fp32 tensors
+    weight_decay, eps,
+    num_tiles, n_valid,  # tiles of BLOCK; n_valid bounds the single masked tile
+    BETA1: tl.constexpr, BETA2: tl.constexpr,
+    LR_FROM_PTR: tl.constexpr, STEP_FROM_PTR: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_OUT: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # ---- per-program scalars: computed once, then a grid-stride loop over tiles
+    if HAS_FLAG:
+        # Skipped step: run no iterations, so nothing is read or written.
+        num_tiles = tl.where(tl.load(flag_ptr) != 0, 0, num_tiles)
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr = tl.cast(lr_value, tl.float64)
+    if STEP_FROM_PTR:
+        step = tl.load(step_ptr).to(tl.int32)
+    else:
+        step = tl.cast(step_value, tl.int32)
+    beta1 = tl.full((), BETA1, tl.float64)
+    beta2 = tl.full((), BETA2, tl.float64)
+    bias_correction1 = 1.0 - _powi_f64(beta1, step)
+    bias_correction2 = 1.0 - _powi_f64(beta2, step)
+    # Same scalars as torch.optim.AdamW, rounded to fp32 once.
+    step_size = (lr / bias_correction1).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+    decay = (1.0 - lr * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+    one_minus_beta1 = (1.0 - beta1).to(tl.float32)
+    one_minus_beta2 = (1.0 - beta2).to(tl.float32)
+    beta1_f = beta1.to(tl.float32)
+    beta2_f = beta2.to(tl.float32)
+    if HAS_SCALE:
+        grad_scale = tl.load(scale_ptr).to(tl.float32)
+
+    offs = tl.arange(0, BLOCK)
+    if MASKED:
+        mask = offs < n_valid
+    else:
+        mask = None
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    for tile in range(pid, num_tiles, num_programs):
+        base = tl.cast(tile, tl.int64) * BLOCK  # int64: shards may pass 2**31 elements
+        p = tl.load(master_ptr + base + offs, mask=mask, eviction_policy="evict_first")
+        g = tl.load(grad_ptr + base + offs, mask=mask, eviction_policy="evict_first").to(tl.float32)
+        m = tl.load(mu_ptr + base + offs, mask=mask, eviction_policy="evict_first")
+        v = tl.load(nu_ptr + base + offs, mask=mask, eviction_policy="evict_first")
+        if HAS_SCALE:
+            g = g * grad_scale
+        # Operation order of torch.optim.AdamW (decoupled decay first).
+        p = p * decay
+        m = beta1_f * m + one_minus_beta1 * g
+        v = beta2_f * v + one_minus_beta2 * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        tl.store(master_ptr + base + offs, p, mask=mask)
+        tl.store(mu_ptr + base + offs, m, mask=mask)
+        tl.store(nu_ptr + base + offs, v, mask=mask)
+        if HAS_OUT:
+            tl.store(out_ptr + base + offs, cast_to(p, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _nonfinite_kernel(x_ptr, flag_ptr, num_tiles, n_valid, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    if MASKED:
+        mask = offs < n_valid
+        other = 0.0
+    else:
+        mask = None
+        other = None  # Triton rejects `other` without `mask`
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    pid = tl.program_id(0)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        base = tl.cast(tile, tl.int64) * BLOCK
+        x = tl.load(x_ptr + base + offs, mask=mask, other=other, eviction_policy="evict_first").to(tl.float32)
+        # Exponent all ones <=> inf or NaN; integer test, so no float exception noise.
+        bits = x.to(tl.int32, bitcast=True)
+        bad = bad | ((bits & 0x7F800000) == 0x7F800000).to(tl.int32)
+    found = tl.max(bad, axis=0)
+    # Several programs may store 1.0 at once; the value is the same, so no atomics.
+    tl.store(flag_ptr, tl.full((), 1.0, tl.float32), mask=found != 0)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _split(n: int, block: int) -> tuple[int, int]:
+    """(elements covered by full tiles, elements left for the masked tail)."""
+    n_main = n - n % block
+    return n_main, n - n_main
+
+
+def _grid(num_tiles: int, device: torch.device, programs_per_sm: int) -> int:
+    if programs_per_sm <= 0:  # one tile per program
+        return num_tiles
+    return max(1, min(num_tiles, num_sms(device) * programs_per_sm))
+
+
+def _adamw_triton(master, grad, mu, nu, param_out, lr, lr_value, step, step_value, beta1, beta2, eps,
+                  weight_decay, grad_scale, found_inf, *, block=_BLOCK, num_warps=_NUM_WARPS,
+                  programs_per_sm=_PROGRAMS_PER_SM) -> None:
+    n = master.numel()
+    n_main, n_tail = _split(n, block)
+    flags = dict(
+        BETA1=float(beta1), BETA2=float(beta2),
+        LR_FROM_PTR=lr is not None, STEP_FROM_PTR=step is not None,
+        HAS_SCALE=grad_scale is not None, HAS_FLAG=found_inf is not None, HAS_OUT=param_out is not None,
+        BLOCK=block, num_warps=num_warps,
+    )
+    scalars = (lr, float(lr_value), step, int(step_value), grad_scale, found_inf, float(weight_decay), float(eps))
+    if n_main:
+        num_tiles = n_main // block
+        _adamw_kernel[(_grid(num_tiles, master.device, programs_per_sm),)](
+            master, grad, mu, nu, param_out, *scalars, num_tiles, n_main, MASKED=False, **flags)
+    if n_tail:
+        out_tail = param_out[n_main:] if param_out is not None else None
+        _adamw_kernel[(1,)](
+            master[n_main:], grad[n_main:], mu[n_main:], nu[n_main:], out_tail, *scalars, 1, n_tail,
+            MASKED=True, **flags)
+
+
+def _nonfinite_triton(x: Tensor, found_inf: Tensor, *, block: int = 4 * _BLOCK, programs_per_sm: int = 4) -> None:
+    x = x.reshape(-1)  # a view for contiguous tensors
+    n_main, n_tail = _split(x.numel(), block)
+    if n_main:
+        num_tiles = n_main // block
+        _nonfinite_kernel[(_grid(num_tiles, x.device, programs_per_sm),)](
+            x, found_inf, num_tiles, n_main, MASKED=False, BLOCK=block, num_warps=8)
+    if n_tail:
+        _nonfinite_kernel[(1,)](x[n_main:], found_inf, 1, n_tail, MASKED=True, BLOCK=block, num_warps=8)
+
+
+# --------------------------------------------------------------------------- torch references
+
+
+def adamw_reference_(master: Tensor, grad: Tensor, mu: Tensor, nu: Tensor, param_out: Optional[Tensor] = None, *,
+                     lr: Union[Tensor, float], step: Union[Tensor, int], beta1: float, beta2: float, eps: float,
+                     weight_decay: float, grad_scale: Optional[Tensor] = None,
+                     found_inf: Optional[Tensor] = None) -> None:
+    """Torch reference of :func:`adamw_` (and its CPU path): ``torch._fused_adamw_``.
+
+    Same arguments and semantics as :func:`adamw_`. Reads ``found_inf`` on the
+    host (free on CPU; a sync on CUDA, acceptable for a reference). At most one
+    temporary: an fp32 copy of the gradient, only when it is not fp32 or needs
+    scaling (torch's fused kernel wants fp32 gradients and would overwrite them
+    when given a scale).
+    """
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    g = grad
+    if grad_scale is not None:
+        g = grad * grad_scale if grad.dtype == torch.float32 else grad.to(torch.float32).mul_(grad_scale)
+    elif grad.dtype != torch.float32:
+        g = grad.to(torch.float32)
+    if isinstance(step, Tensor):
+        steps = [step if step.dtype == torch.float32 else step.to(torch.float32)]
+    else:
+        steps = [torch.tensor(float(step), device=master.device)]
+    torch._fused_adamw_([master], [g], [mu], [nu], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+    if param_out is not None:
+        param_out.copy_(master)
+
+
+def nonfinite_reference_(tensors: list[Tensor], found_inf: Tensor) -> None:
+    """Torch reference of :func:`nonfinite_` (device-side, no host sync)."""
+    for t in tensors:
+        found_inf.masked_fill_(~torch.isfinite(t).all(), 1.0)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("funzero::adamw_", mutates_args=("master", "mu", "nu", "param_out"))
+def _adamw_op(master: Tensor, grad: Tensor, mu: Tensor, nu: Tensor, param_out: Optional[Tensor],
+              lr: Optional[Tensor], lr_value: float, step: Optional[Tensor], step_value: int,
+              beta1: float, beta2: float, eps: float, weight_decay: float,
+              grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    # Dispatch happens here, at run time, so a compiled step holds one opaque node.
+    if use_triton(master):
+        _adamw_triton(master, grad, mu, nu, param_out, lr, lr_value, step, step_value, beta1, beta2, eps,
+                      weight_decay, grad_scale, found_inf)
+    else:
+        adamw_reference_(master, grad, mu, nu, param_out, lr=lr if lr is not None else lr_value,
+                         step=step if step is not None else step_value, beta1=beta1, beta2=beta2, eps=eps,
+                         weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf)
+
+
+@_adamw_op.register_fake
+def _(master, grad, mu, nu, param_out, lr, lr_value, step, step_value, beta1, beta2, eps, weight_decay,
+      grad_scale, found_inf) -> None:
+    return None
+
+
+@torch.library.custom_op("funzero::nonfinite_", mutates_args=("found_inf",))
+def _nonfinite_op(tensors: list[Tensor], found_inf: Tensor) -> None:
+    if use_triton(found_inf):
+        for t in tensors:
+            if t.numel():
+                _nonfinite_triton(t if t.is_contiguous() else t.contiguous(), found_inf)
+    else:
+        nonfinite_reference_(tensors, found_inf)
+
+
+@_nonfinite_op.register_fake
+def _(tensors, found_inf) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_scalar_tensor(name: str, t: Optional[Tensor], device: torch.device) -> None:
+    if t is None:
+        return
+    if t.numel() != 1 or t.dim() != 0:
+        raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must live on {device} like master, got {t.device}")
+
+
+def adamw_(master: Tensor, grad: Tensor, mu: Tensor, nu: Tensor, param_out: Optional[Tensor] = None, *,
+           lr: Union[Tensor, float], step: Union[Tensor, int], beta1: float, beta2: float, eps: float,
+           weight_decay: float, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+           check_finite: bool = False) -> None:
+    """One AdamW update of a flat shard, in place, in a single fused pass.
+
+    Math and operation order of ``torch.optim.AdamW``: ``p *= 1 - lr*wd``;
+    ``m = b1*m + (1-b1)*g``; ``v = b2*v + (1-b2)*g*g``;
+    ``p -= lr/(1-b1**step) * m / (sqrt(v)/sqrt(1-b2**step) + eps)``.
+
+    Args:
+        master: (n,) fp32 contiguous master weights, updated in place.
+        grad: (n,) bf16/fp16/fp32 contiguous gradient (read only).
+        mu: (n,) fp32 first moment, updated in place.
+        nu: (n,) fp32 second moment, updated in place.
+        param_out: optional (n,) bf16/fp16 tensor that receives the updated
+            master rounded to nearest even (bit-equal to ``master.to(dtype)``).
+        lr: learning rate, a 0-d fp32 tensor on master's device (a changing
+            value never recompiles) or a Python float.
+        step: the step number already incremented (1 on the first update), a
+            0-d tensor (fp32 or integer) on master's device or a Python int.
+        beta1, beta2, eps, weight_decay: AdamW hyperparameters (the betas are
+            compile-time constants of the kernel).
+        grad_scale: optional 0-d fp32 tensor the gradient is multiplied by
+            first (1/loss-scale times the clip coefficient).
+        found_inf: optional 0-d fp32 tensor; when nonzero on entry, nothing is
+            written at all. Read on the device: no host sync.
+        check_finite: run :func:`nonfinite_` over ``grad`` first so that a
+            non-finite gradient sets ``found_inf`` and skips this update. A
+            scalar flag is created when ``found_inf`` is None.
+
+    Returns:
+        None; ``master``, ``mu``, ``nu`` and ``param_out`` are updated in place.
+
+    Example:
+        >>> n = 1000
+        >>> master, mu, nu = torch.randn(n), torch.zeros(n), torch.zeros(n)
+        >>> grad, out = torch.randn(n).bfloat16(), torch.empty(n, dtype=torch.bfloat16)
+        >>> adamw_(master, grad, mu, nu, out, lr=torch.tensor(1e-3), step=torch.tensor(1.0),
+        ...        beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+    References:
+        Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    """
+    n = master.numel()
+    if master.dtype != torch.float32 or mu.dtype != torch.float32 or nu.dtype != torch.float32:
+        raise ValueError(f"master, mu, nu must be fp32, got {master.dtype=}, {mu.dtype=}, {nu.dtype=}")
+    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"grad must be fp32, bf16 or fp16, got {grad.dtype=}")
+    for name, t in (("master", master), ("grad", grad), ("mu", mu), ("nu", nu), ("param_out", param_out)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.numel() != n or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D tensor of {n} elements, got shape "
+                             f"{tuple(t.shape)}, contiguous={t.is_contiguous()}")
+        if t.device != master.device:
+            raise ValueError(f"{name} must live on {master.device}, got {t.device}")
+    if param_out is not None and param_out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"param_out must be bf16, fp16 or fp32, got {param_out.dtype=}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must lie in [0, 1), got {beta1=}, {beta2=}")
+    lr_t = lr if isinstance(lr, Tensor) else None
+    step_t = step if isinstance(step, Tensor) else None
+    for name, t in (("lr", lr_t), ("step", step_t), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _check_scalar_tensor(name, t, master.device)
+    if check_finite:
+        if found_inf is None:
+            found_inf = torch.zeros((), dtype=torch.float32, device=master.device)
+        nonfinite_([grad], found_inf)
+    if n == 0:
+        return
+    torch.ops.funzero.adamw_(master, grad, mu, nu, param_out, lr_t, 0.0 if lr_t is not None else float(lr),
+                             step_t, 0 if step_t is not None else int(step), float(beta1), float(beta2),
+                             float(eps), float(weight_decay), grad_scale, found_inf)
+
+
+def nonfinite_(tensors: list[Tensor], found_inf: Tensor) -> None:
+    """Sets ``found_inf`` to 1.0 if any element of ``tensors`` is inf or NaN.
+
+    Leaves ``found_inf`` as it was otherwise (flags accumulate across calls,
+    like ``torch._amp_foreach_non_finite_check_and_unscale_``). One read of
+    each tensor, no host sync.
+
+    Args:
+        tensors: tensors of any float dtype and shape, on found_inf's device.
+        found_inf: 0-d fp32 flag, updated in place.
+
+    Returns:
+        None.
+    """
+    if found_inf.dim() != 0 or found_inf.dtype != torch.float32:
+        raise ValueError(f"found_inf must be a 0-d fp32 tensor, got {found_inf.shape=} {found_inf.dtype=}")
+    for t in tensors:
+        if t.device != found_inf.device:
+            raise ValueError(f"tensors must live on {found_inf.device} like found_inf, got {t.device}")
+    torch.ops.funzero.nonfinite_(list(tensors), found_inf)
+
