@@ -249,23 +249,3 @@ class AllReduceGrad(torch.autograd.Function):
     def backward(ctx, grad):
         g = all_reduce(_reduce_input(grad, ctx.spec), ctx.spec.mesh, ctx.spec.axis, tag="grad")
         return g.to(ctx.anchor_dtype), None, None
-
-
-class Link(torch.autograd.Function):
-    """No communication: forward uses ``source``, the gradient goes to ``anchor`` in its dtype.
-
-    Used where the anchor is the fp32 master but no collective is needed (one rank), so that
-    the optimizer still receives the gradient without an extra cast pass in the user's graph.
-    """
-
-    @staticmethod
-    def forward(anchor, source):
-        return source.view_as(source)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.anchor_dtype = inputs[0].dtype
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.to(ctx.anchor_dtype), None

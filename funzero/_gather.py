@@ -88,9 +88,10 @@ class _Saved:
 class Stage3Hooks:
     """Hooks on a model's group owners; inert unless a step has activated them."""
 
-    def __init__(self, model: nn.Module, binding, spec: CommSpec) -> None:
+    def __init__(self, model: nn.Module, binding, spec: CommSpec, compute: torch.device) -> None:
         self.binding = binding
         self.spec = spec
+        self.compute = compute
         self._slots: dict[str, list[tuple[nn.Module, str, str]]] = {}
         by_owner: dict[str, list[str]] = {}
         for g, owner in binding.owners.items():
@@ -167,7 +168,7 @@ class _Run:
         if self.depth[g] > 1:  # re-entrant call of the same owner: already gathered
             return
         lay = self.hooks.binding.layouts[g]
-        full = GatherShard.apply(self.anchors[g], self.sources[g], self.hooks.spec, self, g)
+        full = GatherShard.apply(self.anchors[g], self.fetch(g), self.hooks.spec, self, g)
         _track(full)
         if self.regather:
             self.ptr_to_group[full.untyped_storage().data_ptr()] = g
@@ -177,6 +178,13 @@ class _Run:
             ghosts.append((mod, name, mod._parameters[name]))
             mod._parameters[name] = views[path]
         self.ghosts[g] = ghosts
+
+    def fetch(self, g: str) -> torch.Tensor:
+        """This rank's shard of ``g`` on the compute device (a host-to-device copy if offloaded)."""
+        src = self.sources[g]
+        if src.device != self.hooks.compute:
+            src = src.to(self.hooks.compute, non_blocking=True)
+        return src
 
     def release(self, g: str) -> None:
         self.depth[g] -= 1
@@ -203,7 +211,7 @@ class _Run:
         buf = self.backward_bufs.get(s.group)
         if buf is None:
             spec = self.hooks.spec
-            buf = all_gather(self.sources[s.group], spec.mesh, spec.axis, tag="param")
+            buf = all_gather(self.fetch(s.group), spec.mesh, spec.axis, tag="param")
             _track(buf)
             self.backward_bufs[s.group] = buf
         return buf.as_strided(s.size, s.stride, s.offset)

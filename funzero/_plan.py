@@ -23,7 +23,7 @@ class Plan:
         mesh: the ranks; ``axis`` is the data-parallel axis that shards are split over.
         groups: group rules (see ``shardspec.assign_groups``); ``rest`` names the group of the
             leaves no rule matches (``None``: such a leaf is an error).
-        placement: where state leaves live (``{"opt_state": "cpu"}``); see ``funzero.placement``.
+        placement: where state leaves live (``{"opt_state": "cpu"}``); see ``funzero._placement``.
         batch: ``"global"``: the step receives the global batch and takes this rank's slice of
             dim 0 (JAX's global-array view; the default), ``"local"``: it receives its own slice.
     """
@@ -134,6 +134,7 @@ class Binding:
     rank: int
     precision: Precision
     stage: int
+    placement: "Placement"
 
 
 def _common_prefix(paths: Sequence[str]) -> str:
@@ -173,7 +174,10 @@ def bind(model: nn.Module, plan: Plan, precision: Precision) -> Binding:
         shard_align=plan.shard_align,
     )
     owners = {g: _common_prefix([a for p in lay.paths for a in aliases[p]]) for g, lay in layouts.items()}
-    return Binding(paths, aliases, layouts, owners, plan.num_shards, plan.rank, precision, plan.stage)
+    from funzero._placement import Placement
+
+    placement = Placement.resolve(dict(plan.placement), plan.mesh.device, rank=plan.rank)
+    return Binding(paths, aliases, layouts, owners, plan.num_shards, plan.rank, precision, plan.stage, placement)
 
 
 def param_count(model: nn.Module) -> int:

@@ -144,17 +144,20 @@ def init(
         if v.device.type == "meta":
             raise ValueError(f"parameter {p!r} is on the meta device; pass its value in params=")
     stage, rank = plan.stage, plan.rank
+    pl = binding.placement
     master_dtype = precision.opt_dtype
+    if pl.store is not None:
+        pl.store.check_space(_offload_bytes(binding, precision, tx))
     out_params, out_master = {}, {}
     for g, lay in binding.layouts.items():
         full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=torch.zeros(lay.padded, dtype=master_dtype, device=device))
         own = lay.shard(full, rank)
         if stage == 3:
-            out_params[g] = own.to(precision.param_dtype, copy=True)
+            out_params[g] = pl.place("params", own.to(precision.param_dtype), name=f"params.{g}")
         else:
             out_params[g] = full.to(precision.param_dtype, copy=True)
         if precision.has_master:
-            out_master[g] = (full if stage == 0 else own.clone())
+            out_master[g] = pl.place("opt_state", full if stage == 0 else own, name=f"master.{g}")
         del full, own
     opt_target = out_master if precision.has_master else (
         out_params if stage in (0, 3) else {g: binding.layouts[g].shard(t, rank) for g, t in out_params.items()}
@@ -163,11 +166,12 @@ def init(
 
     if isinstance(tx, MultiSteps):
         # The accumulator holds what backward produces: stage 1 full local gradients, else
-        # gradients shaped like the optimizer's target.
-        grad_like = out_params if stage == 1 else opt_target
+        # gradients shaped like the optimizer's target, on the compute device.
+        grad_like = out_params if stage == 1 else {g: torch.empty(t.shape, dtype=t.dtype, device=device) for g, t in opt_target.items()}
         opt_state = tx.init(opt_target, grad_like=grad_like)
+        opt_state = opt_state._replace(inner_state=_place_tree(pl, opt_state.inner_state, "opt"))
     else:
-        opt_state = tx.init(opt_target)
+        opt_state = _place_tree(pl, tx.init(opt_target), "opt")
     scaler = None
     if precision.loss_scaling is not None:
         from funzero._scaler import init_scaler
@@ -184,6 +188,32 @@ def init(
         scaler,
         binding,
     )
+
+
+def _place_tree(pl, tree, prefix: str):
+    """Every tensor leaf of an optimizer-state tree moved to where ``opt_state`` lives."""
+    if pl.kind("opt_state") == "device":
+        return tree
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace="funzero")
+    out = [
+        pl.place("opt_state", x, name=f"{prefix}." + ".".join(map(str, path))) if isinstance(x, torch.Tensor) else x
+        for path, x in zip(paths, leaves)
+    ]
+    return optree.tree_unflatten(spec, out)
+
+
+def _offload_bytes(binding: Binding, precision: Precision, tx) -> int:
+    """Bytes of the state that go to NVMe, from the layouts (before anything is allocated)."""
+    pl = binding.placement
+    shard = {g: (lay.padded if binding.stage == 0 else lay.shard_numel) for g, lay in binding.layouts.items()}
+    n = sum(shard.values())
+    out = 0
+    if pl.kind("opt_state") == "nvme":
+        # master + two fp32 moments (Adam's); a generous bound for other optimizers
+        out += n * 4 * (3 if precision.has_master else 2)
+    if pl.kind("params") == "nvme":
+        out += n * torch.empty((), dtype=precision.param_dtype).element_size()
+    return out
 
 
 def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from funzero._collectives import AllReduceGrad, CommSpec, Link, ScatterGrad, all_gather, all_reduce, reduce_scatter
+from funzero._collectives import AllReduceGrad, CommSpec, ScatterGrad, all_gather, all_reduce, reduce_scatter
 from funzero._gather import Stage3Hooks
 from funzero._plan import Plan
 from funzero._state import BINDINGS, TrainState
@@ -93,40 +93,49 @@ class _Engine:
             raise ValueError(f"state belongs to rank {b.rank}, this process is rank {p.rank}")
         self.binding = b
         self.spec = CommSpec(p.mesh, p.axis, b.precision.reduce_dtype)
-        if p.stage == 3 and p.num_shards > 1:
+        # Stage 3 gathers groups just in time when there is something to gather: shards on other
+        # ranks, or shards that live on the host.
+        self.gathered = p.stage == 3 and (p.num_shards > 1 or b.placement.host("params"))
+        if self.gathered:
             if self.hooks is not None:
                 self.hooks.remove()
-            self.hooks = Stage3Hooks(self.model, b, self.spec)
+            self.hooks = Stage3Hooks(self.model, b, self.spec, b.placement.compute)
 
     # --- forward and backward -----------------------------------------------------------------
-    def anchors_and_sources(self, state: TrainState) -> tuple[dict, dict, bool]:
-        """The tensors to differentiate, and what forward computes with; plus master-anchored?"""
+    def anchors(self, state: TrainState) -> dict:
+        """The tensors to differentiate: one per group, shaped like the gradient it receives.
+
+        Where forward computes with the differentiated buffer itself (one rank, or stage 1) that
+        buffer is the anchor. Otherwise the anchor is a zero-stride view of one element: it costs
+        no memory, and its dtype (the master's where gradients are reduced across ranks) is the
+        dtype the gradient arrives in.
+        """
         p, b = self.plan, state.binding
-        comm = p.num_shards > 1 and p.stage != 1
-        use_master = state.master is not None and comm
-        anchors = {}
-        for g in b.layouts:
-            src = state.master[g] if use_master else state.params[g]
-            if p.stage == 2 and not use_master and comm:
-                src = b.layouts[g].shard(state.params[g], b.rank)
-            anchors[g] = src.detach().requires_grad_()
-        return anchors, state.params, use_master
+        n = p.num_shards
+        direct = not self.gathered and (n == 1 or p.stage == 1)
+        prec = b.precision
+        dtype = prec.opt_dtype if (n > 1 and prec.has_master) else prec.param_dtype
+        out = {}
+        for g, lay in b.layouts.items():
+            if direct:
+                out[g] = state.params[g].detach().requires_grad_()
+            else:
+                numel = lay.padded if p.stage == 0 else lay.shard_numel
+                out[g] = torch.zeros((), dtype=dtype, device=b.placement.compute).expand(numel).requires_grad_()
+        return out
 
     def forward_backward(self, state: TrainState, batch: Any, loss_scale: torch.Tensor | None):
         p, b = self.plan, state.binding
-        anchors, sources, use_master = self.anchors_and_sources(state)
+        anchors = self.anchors(state)
         n = p.num_shards
         leaves: dict[str, torch.Tensor] = {}
-        stage3 = p.stage == 3 and n > 1
-        if not stage3:
+        if not self.gathered:
             for g, lay in b.layouts.items():
-                a, src = anchors[g], sources[g]
+                a, src = anchors[g], state.params[g]
                 if n > 1 and p.stage == 0:
                     full = AllReduceGrad.apply(a, src, self.spec)
                 elif n > 1 and p.stage == 2:
                     full = ScatterGrad.apply(a, src, self.spec)
-                elif use_master or a.dtype != src.dtype:
-                    full = Link.apply(a, src)
                 else:
                     full = a  # differentiate the param buffer itself
                 leaves.update(lay.unpack(full))
@@ -135,18 +144,18 @@ class _Engine:
         def apply(*args, **kwargs):
             return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
 
-        if stage3:
-            regather = not torch.compiler.is_compiling()
-            with self.hooks.activate(anchors, sources, regather=regather):
-                out = self.loss_fn(apply, batch)
-                loss, aux = (out if self.has_aux else (out, None))
-                scaled = loss * loss_scale if loss_scale is not None else loss
-                grads = torch.autograd.grad(scaled, list(anchors.values()))
-        else:
+        def run():
             out = self.loss_fn(apply, batch)
-            loss, aux = (out if self.has_aux else (out, None))
+            loss, aux = out if self.has_aux else (out, None)
             scaled = loss * loss_scale if loss_scale is not None else loss
-            grads = torch.autograd.grad(scaled, list(anchors.values()))
+            return loss, aux, torch.autograd.grad(scaled, list(anchors.values()))
+
+        if self.gathered:
+            regather = not torch.compiler.is_compiling()
+            with self.hooks.activate(anchors, state.params, regather=regather):
+                loss, aux, grads = run()
+        else:
+            loss, aux, grads = run()
         return dict(zip(anchors, grads)), loss.detach(), aux
 
     # --- the update ----------------------------------------------------------------------------
@@ -158,33 +167,59 @@ class _Engine:
         rd = b.precision.reduce_dtype
         return {g: reduce_scatter(x if rd is None else x.to(rd), p.mesh, p.axis, tag="grad") for g, x in grads.items()}
 
-    def opt_target(self, state: TrainState) -> tuple[dict, dict | None]:
-        """What the optimizer updates (master or params, this rank's part) and the param copy."""
+    def apply_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf):
+        """Update this rank's part of the master (or params) where it lives; refresh the params.
+
+        Returns ``(new optimizer state, new master)``; params are refreshed in place.
+        """
         p, b = self.plan, state.binding
+        pl = b.placement
+        host = pl.host("opt_state")
 
         def own(t, g):
             return t if p.stage in (0, 3) else b.layouts[g].shard(t, b.rank)
 
         params_own = {g: own(t, g) for g, t in state.params.items()}
-        if state.master is not None:
-            return state.master, params_own
-        return params_own, None
-
-    def apply_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf):
-        p, b = self.plan, state.binding
-        target, param_out = self.opt_target(state)
+        master = state.master
+        store = pl.store
+        pending, pending_params = [], []
+        if store is not None:
+            # Never update a file the current state points at: update copies, rename when done.
+            master, opt_state, pending = _nvme_begin(store, master, opt_state)
+            if pl.kind("params") == "nvme":
+                params_own, _, pending_params = _nvme_begin(store, params_own, None)
+        target = master if master is not None else params_own
+        if master is None:
+            param_out = None
+        elif all(t.device == target[g].device for g, t in params_own.items()):
+            param_out = params_own  # same memory (device, or stage-3 params on the host)
+        else:  # host update, device params: write a pinned staging copy, then copy it over
+            param_out = {g: torch.empty(t.numel(), dtype=t.dtype, pin_memory=torch.cuda.is_available()) for g, t in params_own.items()}
         info = ShardInfo(
             b.layouts,
             b.rank,
             sharded=p.stage >= 1 and p.num_shards > 1,
-            psum=lambda x: all_reduce(x, p.mesh, p.axis, op="sum", tag="norm"),
+            psum=lambda x: all_reduce(x.to(pl.compute), p.mesh, p.axis, op="sum", tag="norm").to(x.device),
         )
+        state_dev = next(iter(target.values())).device
+
+        def to_state(gr: dict) -> dict:
+            return {g: x.to(state_dev, non_blocking=True) for g, x in gr.items()}
+
+        if host:
+            grad_scale = None if grad_scale is None else grad_scale.to(state_dev)
+            found_inf = None if found_inf is None else found_inf.to(state_dev)
         tx = self.inner
         # The fused kernels keep fp32 master/moments; other dtypes (fp64 tests) take the chain.
         fusable = all(t.dtype == torch.float32 for t in target.values())
         if tx.fused_apply is not None and fusable:
-            new_opt = tx.fused_apply(grads, opt_state, target, param_out=param_out, grad_scale=grad_scale, found_inf=found_inf, info=info)
+            new_opt = tx.fused_apply(
+                grads, opt_state, target, param_out=param_out, grad_scale=grad_scale, found_inf=found_inf,
+                info=info, to_state=to_state if host else None,
+            )
         else:
+            if host:
+                grads = to_state(grads)
             if grad_scale is not None:
                 grads = {g: x * grad_scale.to(x.dtype) for g, x in grads.items()}
             updates, new_opt = tx.update(grads, opt_state, target, info=info)
@@ -196,11 +231,21 @@ class _Engine:
                 target[g].add_(u.to(target[g].dtype))
                 if param_out is not None:
                     param_out[g].copy_(target[g])
+            if host:  # keep the placed (pinned / file-backed) buffers: copy new values into them
+                new_opt = tree_map(lambda old, new: old.copy_(new) if old.dim() > 0 else new, opt_state, new_opt)
+        if param_out is not None and param_out is not params_own:
+            for g, t in params_own.items():
+                t.copy_(param_out[g], non_blocking=True)
+        new_params = state.params
+        if store is not None:
+            master, new_opt = _nvme_commit(store, pending, master, new_opt)
+            if pl.kind("params") == "nvme":
+                new_params, _ = _nvme_commit(store, pending_params, params_own, None)
         if p.stage in (1, 2) and p.num_shards > 1:
             # Stages 1-2 hold full params: every rank gathers the updated shards, in place.
             for g, full in state.params.items():
                 all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
-        return new_opt
+        return new_opt, master, new_params
 
     def nonfinite(self, grads: dict) -> torch.Tensor:
         """1.0 if any rank's gradient holds an inf/NaN (one all-reduce of a scalar), else 0.0."""
@@ -234,7 +279,7 @@ class _Engine:
         if cfg is not None:
             found_inf = self.nonfinite(grads)
             grad_scale = (1.0 / state.scaler.scale).to(torch.float32)
-        new_inner = self.apply_update(state, grads, inner_state, grad_scale, found_inf)
+        new_inner, master, params = self.apply_update(state, grads, inner_state, grad_scale, found_inf)
         if self.multi is not None:
             new_opt = MultiStepsState(torch.zeros_like(opt_state.mini_step), self.multi.zeros(acc), new_inner)
             metrics["applied"] = torch.ones((), dtype=torch.bool, device=loss.device)
@@ -250,7 +295,36 @@ class _Engine:
             metrics["skipped"] = found_inf != 0
             metrics["loss_scale"] = state.scaler.scale
         metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
-        return state.replace(step=step, opt_state=new_opt, scaler=scaler), _with_aux(metrics, aux)
+        new_state = state.replace(step=step, params=params, master=master, opt_state=new_opt, scaler=scaler)
+        return new_state, _with_aux(metrics, aux)
+
+
+def _nvme_begin(store, master, opt_state):
+    """Writable temporary copies of every file-backed leaf of the master and optimizer state."""
+    pending = []
+
+    def begin(t):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and store.is_file_backed(t):
+            store.prefetch(t)
+            copy, tmp, path = store.begin_update(t)
+            pending.append((copy, tmp, path))
+            return copy
+        return t
+
+    master = None if master is None else {g: begin(t) for g, t in master.items()}
+    opt_state = None if opt_state is None else optree.tree_map(begin, opt_state, namespace="funzero")
+    return master, opt_state, pending
+
+
+def _nvme_commit(store, pending, master, opt_state):
+    """Rename the updated copies over the leaves' files; the new state maps them by name."""
+    final = {id(copy): store.commit(copy, tmp, path) for copy, tmp, path in pending}
+
+    def swap(t):
+        return final.get(id(t), t) if isinstance(t, torch.Tensor) else t
+
+    master = None if master is None else {g: swap(t) for g, t in master.items()}
+    return master, None if opt_state is None else optree.tree_map(swap, opt_state, namespace="funzero")
 
 
 def _with_aux(metrics: dict, aux: Any) -> dict:

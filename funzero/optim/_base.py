@@ -123,14 +123,24 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     if last.fused_apply is not None:
 
         def fused(grads, state, master, **kw):
+            # Stateless leading transforms (clipping, scaling) run where the gradients are, which
+            # saves moving them twice when the optimizer state lives on the host; the first
+            # transform with state moves them to it (kw["to_state"]).
+            to_state = kw.get("to_state")
             new = []
             for t, s in zip(transforms[:-1], state[:-1]):
+                if to_state is not None and _has_tensors(s):
+                    grads, to_state = to_state(grads), None
                 grads, s = t.update(grads, s, master, info=kw.get("info"))
                 new.append(s)
             new.append(last.fused_apply(grads, state[-1], master, **kw))
             return tuple(new)
 
     return GradientTransformation(init, update, fused)
+
+
+def _has_tensors(tree) -> bool:
+    return any(isinstance(x, torch.Tensor) for x in optree.tree_leaves(tree, namespace="funzero"))
 
 
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:

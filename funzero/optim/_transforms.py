@@ -389,8 +389,11 @@ def adamw(
         return inner
     keep = _mask_fn(mask) or (lambda path: True)
 
-    def fused_apply(grads, state, master, *, param_out=None, grad_scale=None, found_inf=None, info=None):
+    def fused_apply(grads, state, master, *, param_out=None, grad_scale=None, found_inf=None, info=None, to_state=None):
         from funzero import ops
+
+        if to_state is not None:
+            grads = to_state(grads)
 
         adam_state, empty, sched = state
         step = adam_state.count + 1
