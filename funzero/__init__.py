@@ -9,6 +9,18 @@
 from funzero import optim
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._gather import track_gathered
+from funzero._memory import (
+    ActivationEstimate,
+    Candidate,
+    MemoryEstimate,
+    StageChoice,
+    choose_stage,
+    estimate_memory,
+    format_bytes,
+    gpt_activations,
+    layouts_for_num_params,
+    parse_count,
+)
 from funzero._plan import Binding, Plan, param_count, zero
 from funzero._precision import LossScaleConfig, Precision, bf16, fp16, fp32
 from funzero._scaler import LossScaleState
@@ -16,6 +28,16 @@ from funzero._state import TrainState, gather_params, init, state_nbytes
 from funzero._step import train_step
 
 __all__ = [
+    "ActivationEstimate",
+    "Candidate",
+    "MemoryEstimate",
+    "StageChoice",
+    "choose_stage",
+    "estimate_memory",
+    "format_bytes",
+    "gpt_activations",
+    "layouts_for_num_params",
+    "parse_count",
     "Binding",
     "CommCounter",
     "LossScaleConfig",

@@ -16,12 +16,13 @@ Design note (what keeps these numbers honest):
   K bytes per element of optimizer state, each sharded as the stage says; 2Ψ + 2Ψ + 12Ψ for
   mixed-precision Adam. Gradients are not part of ``TrainState``: the step makes them and drops
   them. ``MemoryEstimate.grads`` says what the engine itself holds at the end of backward, in the
-  dtype it really uses (see ``_step.anchors_and_sources``), which is not always the paper's.
+  dtype it really uses (see ``_step._Engine.anchors``), which is not always the paper's.
 * **Transients are estimates.** Stage-3 gathered groups, the gradient of the group being reduced
   and activations depend on the schedule, not only on shapes; their formulas are documented where
   they are computed and checked on a GPU by ``benchmarks/memory.py``.
-* **Offload is modelled as the design describes it** (DESIGN.md, "Offload as placement"): the
-  engine does not run it yet, so those rows are what the placement will cost, not a measurement.
+* **Offload follows the engine** (``_placement.py``, ``_step.apply_update``): where each state
+  leaf lives is tested against real placed states (NVMe files on the CPU); the host-side
+  transients of an offloaded update are read from the code and estimated.
 
 Units: bytes everywhere; the printing helpers use GB = 1e9 bytes, the ZeRO paper's unit.
 """
@@ -116,6 +117,14 @@ def parse_count(text: str | int | float) -> int:
 
 def format_bytes(n: float, *, unit: str = "GB", digits: int = 2) -> str:
     """``n`` bytes as text in decimal units (``GB`` = 1e9 bytes, the ZeRO paper's unit).
+
+    Args:
+        n: bytes.
+        unit: ``B``, ``KB``, ``MB``, ``GB`` or ``TB`` (powers of 1000).
+        digits: decimals to print.
+
+    Returns:
+        e.g. ``"31.41 GB"``.
 
     Example:
         >>> format_bytes(31.40625e9)
@@ -303,10 +312,14 @@ class MemoryEstimate:
         grads: gradient bytes the step holds at the end of backward, in the dtypes it uses.
         gather: stage 3: gathered groups alive at once (``1 + prefetch`` largest), else 0.
         reduce: transient while the largest group's gradient is formed and reduced.
-        staging: offload staging buffers, ``{"gpu": ..., "cpu": ...}``.
+        staging: offload transients, ``{"gpu": ..., "cpu": ...}``: a host parameter shard on its
+            way to the gather; gradients copied to the host for the update, and the pinned copy
+            the new parameters are written to before they go back to the device.
         activations: the activation estimate included in ``gpu``, if any.
-        gpu / cpu / nvme: bytes per rank on each; ``gpu`` is the estimated peak during a step,
-            ``gpu_state`` the part that stays between steps.
+        gpu / cpu / nvme: bytes per rank on each. ``gpu`` is the estimated peak during a step
+            (``gpu_state`` the part that stays between steps); ``cpu`` includes the update's
+            staging; ``nvme`` is twice the file-backed state, since an update writes new copies
+            of the files before renaming them over the old ones.
     """
 
     stage: int
@@ -389,8 +402,18 @@ def _train_state_bytes(layouts: Mapping[str, FlatLayout], stage: int, precision:
         target = {g: _meta(layouts[g].shard_numel, precision.param_dtype) for g in layouts}
     if isinstance(tx, MultiSteps):
         opt_state = tx.init(target, grad_like=params if stage == 1 else target)
+        # Only the inner state is placed; the accumulator and its counter stay on the device.
+        device_part = _nbytes(opt_state) - _nbytes(opt_state.inner_state)
+        placed = opt_state.inner_state
     else:
         opt_state = tx.init(target)
+        device_part = 0
+        placed = opt_state
+    # 0-d leaves (step counts) of placed state stay in memory, never in a file.
+    scalars = sum(
+        t.element_size() for t in optree.tree_leaves(placed, namespace="funzero")
+        if isinstance(t, torch.Tensor) and t.dim() == 0
+    )
     scaler = 0
     if precision.loss_scaling is not None:
         from funzero._scaler import init_scaler
@@ -404,25 +427,27 @@ def _train_state_bytes(layouts: Mapping[str, FlatLayout], stage: int, precision:
         "step": 8,  # () int64
     }
     out["total"] = sum(out.values())
-    return out
+    return out, device_part, scalars
 
 
-def _held_grads(layouts: Mapping[str, FlatLayout], stage: int, n: int, precision: Precision) -> tuple[int, int, int]:
-    """Gradient bytes at the end of backward: (total, element size, elements).
+def _held_grads(layouts: Mapping[str, FlatLayout], stage: int, n: int, precision: Precision) -> int:
+    """Gradient bytes at the end of backward.
 
-    From ``_step._Engine.anchors_and_sources``: the gradient is taken with respect to each
-    group's anchor, which is the fp32 master (a shard in stages 2-3, full in stage 0) where a
-    master exists and the stage communicates in backward (N > 1, stage != 1), and the parameter
-    buffer otherwise (full in stages 0-1, this rank's shard in stages 2-3).
+    From ``_step._Engine.anchors``: where forward computes with the buffer it differentiates (one
+    rank, or stage 1) the gradient is that buffer's, full and in the parameter dtype. Otherwise
+    the anchor is a zero-stride view (no memory of its own) and the gradient arrives from the
+    collective in the master dtype when there is a master and more than one rank: full in stage
+    0, this rank's shard in stages 2-3.
     """
     comm = n > 1 and stage != 1
     dtype = precision.master_dtype if (precision.has_master and comm) else precision.param_dtype
     numel = sum(lay.padded if stage < 2 else lay.shard_numel for lay in layouts.values())
-    size = torch.empty((), dtype=dtype).element_size()
-    return numel * size, size, numel
+    return numel * torch.empty((), dtype=dtype).element_size()
 
 
-def _reduce_transient(layouts: Mapping[str, FlatLayout], stage: int, n: int, precision: Precision) -> int:
+def _reduce_transient(
+    layouts: Mapping[str, FlatLayout], stage: int, n: int, precision: Precision, gathered: bool
+) -> int:
     """Bytes alive for a moment while one group's gradient is formed and reduced (the worst group).
 
     Backward makes each group's flat gradient by concatenating its leaves' gradients (the leaves'
@@ -430,7 +455,8 @@ def _reduce_transient(layouts: Mapping[str, FlatLayout], stage: int, n: int, pre
     gradient is cast to ``reduce_dtype`` before the collective (one more copy when the dtypes
     differ); the collective's output is the held gradient, counted in ``grads``. Stage 1 reduces
     after backward, over every group, while the full local gradients are still alive: its casts
-    and the shards it produces come on top.
+    and the shards it produces come on top. Stage 3 with parameters on the host reduces through
+    the same path at one rank (an identity collective, but the casts happen).
     """
     pb = torch.empty((), dtype=precision.param_dtype).element_size()
     rd = precision.reduce_dtype or precision.param_dtype
@@ -438,7 +464,7 @@ def _reduce_transient(layouts: Mapping[str, FlatLayout], stage: int, n: int, pre
     cast = rd != precision.param_dtype
     biggest = max(lay.padded for lay in layouts.values())
     concat = 2 * biggest * pb
-    if n == 1:
+    if n == 1 and not gathered:
         return concat
     if stage == 1:
         shards = sum(lay.shard_numel for lay in layouts.values()) * rb
@@ -510,6 +536,8 @@ def estimate_memory(
             raise ValueError(f"precision {precision} contradicts the binding's {b.precision}")
         stage, num_shards, precision, layouts = b.stage, b.num_shards, b.precision, dict(b.layouts)
         num_params = sum(lay.numel for lay in layouts.values())
+        if placement is None and getattr(b, "placement", None) is not None:
+            placement = {"params": b.placement.params, "opt_state": b.placement.opt_state}
     else:
         if plan is not None:
             if stage is not None and stage != plan.stage:
@@ -545,8 +573,8 @@ def estimate_memory(
     tx = _optimizer(tx)
     n = num_shards
 
-    state = _train_state_bytes(layouts, stage, precision, tx)
-    grads, grad_size, grad_numel = _held_grads(layouts, stage, n, precision)
+    state, acc_bytes, opt_scalars = _train_state_bytes(layouts, stage, precision, tx)
+    grads = _held_grads(layouts, stage, n, precision)
     sizes = tuple(sorted((lay.padded for lay in layouts.values()), reverse=True))
     shards = tuple(sorted((lay.shard_numel for lay in layouts.values()), reverse=True))
     padded = sum(sizes)
@@ -559,49 +587,48 @@ def estimate_memory(
     model_states = {"params": param_elems * pb, "grads": paper_grad_elems * pb, "optimizer": optimizer}
     model_states["total"] = sum(model_states.values())
 
+    # Stage 3 gathers just in time when there is something to gather: shards on other ranks, or
+    # shards on the host (_step._Engine.prepare_binding).
+    gathered = stage == 3 and (n > 1 or where["params"] != "gpu")
     gather = 0
-    if stage == 3 and n > 1:
+    if gathered:
         live = sizes if compiled else sizes[: 1 + prefetch]
         gather = sum(live) * pb
-    reduce = _reduce_transient(layouts, stage, n, precision)
+    reduce = _reduce_transient(layouts, stage, n, precision, gathered)
 
-    # Where each part lives. Offloaded optimizer state takes the gradient shards with it: the
-    # reduce of each group is followed by a device-to-host copy (DESIGN.md, offload).
-    gpu = cpu = nvme = 0
+    # Where each part lives, as _state.init and _step.apply_update place it (_placement.py).
+    # Gradients are made on the device and stay there until the update; with the optimizer state
+    # on the host, the update first copies them all to it. An update of host state with the
+    # params on the device writes the new params into a pinned staging copy first. NVMe leaves
+    # are updated in copies renamed over the originals, so a step needs twice their bytes on disk.
+    gpu = state["scaler"] + state["step"]
+    cpu = nvme = 0
     staging = {"gpu": 0, "cpu": 0}
-    if where["params"] == "gpu":
-        gpu += state["params"]
-    elif where["params"] == "cpu":
-        cpu += state["params"]
-        staging["gpu"] += (1 + prefetch) * shards[0] * pb  # host -> device copies of shards
-    else:
-        nvme += state["params"]
-        staging["gpu"] += (1 + prefetch) * shards[0] * pb
-        staging["cpu"] += 2 * shards[0] * pb  # double-buffered reads of the next group's shard
-    opt = state["master"] + state["opt_state"]
-    grads_gpu = grads_cpu = 0
-    if where["opt_state"] == "gpu":
-        gpu += opt
-        grads_gpu = grads
-    else:
-        if stage == 1:
-            # Full local gradients stay on the GPU until the per-step reduce-scatter.
-            grads_gpu = grads
+    placed = {"params": state["params"], "opt_state": state["master"] + state["opt_state"] - acc_bytes}
+    gpu += acc_bytes
+    for key, nbytes in placed.items():
+        if where[key] == "gpu":
+            gpu += nbytes
+        elif where[key] == "cpu":
+            cpu += nbytes
+        else:
+            scalars = opt_scalars if key == "opt_state" else 0
+            cpu += scalars
+            nvme += 2 * (nbytes - scalars)
+    if where["params"] != "gpu":
+        staging["gpu"] += shards[0] * pb  # a shard copied host -> device, then gathered
+    if where["opt_state"] != "gpu":
+        if stage == 1:  # reduced (to shards, in reduce_dtype) after backward, then copied
             rd = precision.reduce_dtype or precision.param_dtype
-            grads_cpu = sum(shards) * torch.empty((), dtype=rd).element_size()
+            staging["cpu"] += sum(shards) * torch.empty((), dtype=rd).element_size()
         else:
-            grads_cpu = grads
-        if where["opt_state"] == "cpu":
-            cpu += opt
-        else:
-            nvme += opt
-            per_elem = opt / max(1, padded if stage == 0 else sum(shards))
-            staging["cpu"] += int(2 * shards[0] * per_elem)
-    gpu += state["scaler"] + state["step"]
-    cpu += grads_cpu + staging["cpu"]
+            staging["cpu"] += grads
+        if where["params"] == "gpu" and precision.has_master:
+            staging["cpu"] += sum(shards) * pb
+    cpu += staging["cpu"]
     gpu_state = gpu
     act = activations.peak if activations is not None else 0
-    gpu_peak = gpu + gather + staging["gpu"] + max(act, grads_gpu + reduce)
+    gpu_peak = gpu + gather + staging["gpu"] + max(act, grads + reduce)
     return MemoryEstimate(
         stage=stage,
         num_shards=n,
@@ -658,7 +685,7 @@ def gpt_activations(
     i.e. ``16 e sbh + 4 asb + 16 sb`` per layer: 32 sbh with bf16, against Korthikanti's 34 sbh
     without the attention matrix. Outside the blocks: token ids (8 sb), ln_f's input and
     lm_head's input (2 e sbh), the logits (e s b V, saved by the fused cross-entropy), its
-    log-sum-exp and targets (12 sb). The largest transient on top comes at the start of
+    log-sum-exp and targets (12 sb), position ids (8 s). The largest transient on top comes at the start of
     backward: the logits' gradient (e s b V); with the unfused loss (``fused=False``) the fp32
     log-softmax (4 sbV) is saved instead of the logits and backward briefly holds two more fp32
     (s, b, V) tensors.
@@ -699,7 +726,8 @@ def gpt_activations(
     sb, sbh = s * b, s * b * h
     per_layer = 16 * e * sbh + 4 * a * sb + 16 * sb
     fused = getattr(cfg, "fused", True) and getattr(cfg, "bias", True)
-    head_common = 8 * sb + 2 * e * sbh + 8 * sb + 12 * sb  # ids, ln_f/lm_head inputs, ln_f stats, lse+targets
+    # token and position ids (int64), ln_f's and lm_head's inputs, ln_f's stats, loss lse + targets
+    head_common = 8 * sb + 8 * s + 2 * e * sbh + 8 * sb + 12 * sb
     if fused:
         head = head_common + e * sb * V
         head_bwd = e * sb * V

@@ -195,10 +195,13 @@ def _place_tree(pl, tree, prefix: str):
     if pl.kind("opt_state") == "device":
         return tree
     paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace="funzero")
-    out = [
-        pl.place("opt_state", x, name=f"{prefix}." + ".".join(map(str, path))) if isinstance(x, torch.Tensor) else x
-        for path, x in zip(paths, leaves)
-    ]
+    del tree
+    out = []
+    for i, path in enumerate(paths):
+        x = leaves[i]
+        leaves[i] = None  # let each unplaced leaf go as soon as its placed copy exists
+        out.append(pl.place("opt_state", x, name=f"{prefix}." + ".".join(map(str, path))) if isinstance(x, torch.Tensor) else x)
+        del x
     return optree.tree_unflatten(spec, out)
 
 

@@ -114,7 +114,9 @@ class _Engine:
         n = p.num_shards
         direct = not self.gathered and (n == 1 or p.stage == 1)
         prec = b.precision
-        dtype = prec.opt_dtype if (n > 1 and prec.has_master) else prec.param_dtype
+        # Reduced gradients arrive in the reduce dtype (fp32 by default under bf16: exact sums,
+        # and what the fp32 master wants); a rank that reduces nothing keeps the param dtype.
+        dtype = (prec.reduce_dtype or prec.param_dtype) if n > 1 else prec.param_dtype
         out = {}
         for g, lay in b.layouts.items():
             if direct:
@@ -165,7 +167,12 @@ class _Engine:
         if p.stage != 1 or p.num_shards == 1:
             return grads
         rd = b.precision.reduce_dtype
-        return {g: reduce_scatter(x if rd is None else x.to(rd), p.mesh, p.axis, tag="grad") for g, x in grads.items()}
+        out = {}
+        for g in list(grads):
+            x = grads.pop(g)  # drop each full gradient as soon as its shard exists
+            out[g] = reduce_scatter(x if rd is None else x.to(rd), p.mesh, p.axis, tag="grad")
+            del x
+        return out
 
     def apply_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf):
         """Update this rank's part of the master (or params) where it lives; refresh the params.
@@ -204,7 +211,7 @@ class _Engine:
         state_dev = next(iter(target.values())).device
 
         def to_state(gr: dict) -> dict:
-            return {g: x.to(state_dev, non_blocking=True) for g, x in gr.items()}
+            return _stream_to(gr, state_dev)
 
         if host:
             grad_scale = None if grad_scale is None else grad_scale.to(state_dev)
@@ -297,6 +304,49 @@ class _Engine:
         metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
         new_state = state.replace(step=step, params=params, master=master, opt_state=new_opt, scaler=scaler)
         return new_state, _with_aux(metrics, aux)
+
+
+class _Streamed(dict):
+    """Gradients on their way to the host: each group waits for its own copy on first access,
+    so the update of group i runs while the copies of groups i+1... are still in flight."""
+
+    def __init__(self, data: dict, events: dict) -> None:
+        super().__init__(data)
+        self._events = events
+
+    def _wait(self, k):
+        ev = self._events.pop(k, None)
+        if ev is not None:
+            ev.synchronize()
+
+    def __getitem__(self, k):
+        self._wait(k)
+        return super().__getitem__(k)
+
+    def items(self):
+        for k in list(self.keys()):
+            yield k, self[k]
+
+    def values(self):
+        for k in list(self.keys()):
+            yield self[k]
+
+
+def _stream_to(grads: dict, device: torch.device) -> dict:
+    """Copy each group's gradient to ``device``: device-to-host into pinned memory, asynchronously."""
+    first = next(iter(grads.values()))
+    if first.device == device:
+        return grads
+    if first.device.type != "cuda" or device.type != "cpu":
+        return {g: x.to(device) for g, x in grads.items()}
+    out, events = {}, {}
+    for g, x in grads.items():
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        out[g], events[g] = buf, ev
+    return _Streamed(out, events)
 
 
 def _nvme_begin(store, master, opt_state):

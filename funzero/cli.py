@@ -182,11 +182,16 @@ def _g(n: float) -> str:
     return f"{v:,.1f}" if v >= 100 else f"{v:,.2f}"
 
 
+def _dt(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
 def _header(desc: str, n: int, gpus: int, nodes: int, est: MemoryEstimate) -> str:
     sizes = est.group_sizes
     return (
         f"{desc}; N = {n} ranks ({gpus} GPU{'s' if gpus > 1 else ''} x {nodes} node{'s' if nodes > 1 else ''}); "
-        f"{est.precision.param_dtype} params, master {est.precision.master_dtype}; "
+        f"{_dt(est.precision.param_dtype)} params, "
+        f"{'fp32 master' if est.precision.has_master else 'no master copy'}; "
         f"{len(sizes)} groups, largest {sizes[0]:,} elements"
     )
 

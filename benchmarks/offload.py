@@ -1,0 +1,156 @@
+"""Optimizer state on the host: funzero's placement against DeepSpeed ZeRO-Offload, one GPU.
+
+    python benchmarks/offload.py                       # GPT-2 1.5B, B=8, T=1024, bf16
+    python benchmarks/offload.py --largest              # also: a ~6B GPT, 10 steps, CPU offload
+    python benchmarks/offload.py --nvme /local/scratch  # also: GPT-2 1.5B with NVMe-backed state
+
+Same method as ``train_step.py`` (same model, data, optimizer hyperparameters; CUDA events around
+the timed steps). Peers in this run:
+  ds-zero2-offload   DeepSpeed ZeRO-2, ``offload_optimizer: {device: cpu, pin_memory: true}``,
+                     its DeepSpeedCPUAdam (JIT-built here), bf16
+  fz2-eager-offload  funzero stage 2, ``placement={"opt_state": "cpu"}``, eager step
+  fz2-compile-offload  the same step under torch.compile
+Peak memory is GPU memory (``max_memory_allocated``); host memory is read from /proc (RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import train_step as ts  # noqa: E402
+
+from funzero.models import GPTConfig  # noqa: E402
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def ds_offload(cfg, data, device, batch):
+    import deepspeed
+
+    model = ts.make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
+    config = {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True, "contiguous_gradients": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": ts.LR, "betas": list(ts.BETAS), "eps": ts.EPS, "weight_decay": ts.WD}},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+    def step(i):
+        x, y = data[i]
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step
+
+
+def run(system, cfg, batch, args, device, placement=None):
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, cfg.vocab_size, (args.steps, batch, args.seq + 1), generator=g).to(device)
+    data = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    if system == "ds-zero2-offload":
+        step = ds_offload(cfg, data, device, batch)
+    else:
+        stage = int(system[2])
+        step = ts.funzero_system(cfg, data, device, stage, compiled="compile" in system, placement=placement or {"opt_state": "cpu"})
+    losses = []
+    warm = args.steps - args.timed
+    for i in range(warm):
+        losses.append(step(i))
+    torch.cuda.synchronize()
+    t_warm = time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(warm, args.steps):
+        losses.append(step(i))
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / args.timed
+    n = sum(p.numel() for p in ts.GPT(cfg).parameters()) if cfg.n_layer <= 48 and cfg.n_embd <= 1600 else None
+    return dict(
+        system=system, layers=cfg.n_layer, width=cfg.n_embd, params=n, batch=batch, seq=args.seq, ms=ms,
+        tokens_per_s=batch * args.seq / (ms / 1e3), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        host_rss_gib=rss_gib(), loss_first=float(losses[0]), loss_last=float(losses[-1]), warmup_s=t_warm,
+        finite=all(torch.isfinite(torch.as_tensor(float(x))) for x in losses),
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--systems", default="ds-zero2-offload,fz2-eager-offload,fz2-compile-offload")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--timed", type=int, default=6)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--largest", action="store_true", help="also train a ~6B GPT for 10 steps with CPU offload")
+    p.add_argument("--largest-layers", type=int, default=29)
+    p.add_argument("--nvme", default="", help="directory for an NVMe-offload run of GPT-2 1.5B")
+    p.add_argument("--out", default=os.environ.get("OUT") or "runs")
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    os.makedirs(args.out, exist_ok=True)
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29534", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        os.environ.setdefault(k, v)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl")
+    cfg = ts.gpt_config("gpt2-xl", block_size=args.seq)
+    rows = []
+
+    def record(r):
+        rows.append(r)
+        ts.log(json.dumps(r))
+        with open(os.path.join(args.out, "offload.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+    jobs = [(s, cfg, args.batch, None) for s in args.systems.split(",") if s]
+    if args.nvme:
+        jobs.append(("fz2-eager-nvme", cfg, args.batch, {"opt_state": f"nvme:{args.nvme}"}))
+    if args.largest:
+        big = GPTConfig(block_size=args.seq, n_layer=args.largest_layers, n_head=32, n_embd=4096)
+        jobs.append(("fz2-eager-offload-largest", big, 4, {"opt_state": "cpu"}))
+    for system, c, batch, placement in jobs:
+        ts.log(f"{system} ...")
+        a = argparse.Namespace(**vars(args))
+        if "largest" in system or "nvme" in system:
+            a.steps, a.timed = (10, 5) if "largest" in system else (4, 2)
+        try:
+            r = run(system.replace("-largest", "").replace("-nvme", ""), c, batch, a, device, placement)
+            r["system"] = system
+            if r["params"] is None:
+                r["params"] = 12 * c.n_layer * c.n_embd**2 + (c.vocab_size + c.block_size) * c.n_embd + 13 * c.n_layer * c.n_embd
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            r = dict(system=system, error=f"{type(e).__name__}: {e}")
+        ts.cleanup()
+        record(r)
+    head = f"{'system':>26} {'params':>8} {'ms/step':>9} {'tok/s':>8} {'GPU GiB':>8} {'host GiB':>9} {'loss0':>7} {'lossN':>7}"
+    print(head)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['system']:>26}  ERROR {r['error'][:90]}")
+        else:
+            print(f"{r['system']:>26} {r['params'] / 1e9:7.2f}B {r['ms']:9.1f} {r['tokens_per_s']:8.0f} {r['peak_gib']:8.2f} {r['host_rss_gib']:9.1f} {r['loss_first']:7.3f} {r['loss_last']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""One GPU, full training steps: funzero against plain PyTorch, torch.compile and DeepSpeed.
+
+    python benchmarks/train_step.py                                   # all systems, 124m 350m 1.5b
+    python benchmarks/train_step.py --models 1.5b --systems torch-compile,fz2-compile
+    python benchmarks/train_step.py --smoke                           # tiny model on the CPU
+
+Every system trains the same GPT-2 (vocab 50304, T=1024) from the same initial weights on the
+same random tokens, in bf16 compute with AdamW (lr 3e-4, betas 0.9/0.95, wd 0.1), in this one
+process. Each runs ``--steps`` steps; the last ``--timed`` are timed with CUDA events around the
+loop (one synchronisation at the end, none inside: metrics stay on the device). Columns:
+ms/step, tokens/s, MFU = tokens/s x (6N + 12 L d T) / 989 TFLOP/s (H100 SXM dense bf16, the
+convention of the PaLM paper's appendix B and of nanoGPT), peak memory
+(``torch.cuda.max_memory_allocated``), and the loss at the first and last step.
+
+Systems:
+  torch-eager     GPT (torch ops) in fp32 params, autocast bf16, torch.optim.AdamW(fused=True)
+  torch-compile   the same with torch.compile(model)
+  ds-zero{1,2,3}  deepspeed.initialize, bf16, ZeRO stage k, torch's fused AdamW (no JIT build)
+  fz{0,1,2,3}-eager / fz{k}-compile
+                  funzero stage k, bf16 params + fp32 master, funzero.ops kernels in the model
+                  and the fused flat AdamW; -compile wraps the whole step in torch.compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import funzero as fz  # noqa: E402
+from funzero.models import GPT, GPTConfig, gpt_config  # noqa: E402
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (datasheet); the measured matmul ceiling is ~800
+MODELS = {"124m": ("gpt2", 16), "350m": ("gpt2-medium", 16), "774m": ("gpt2-large", 8), "1.5b": ("gpt2-xl", 8)}
+LR, BETAS, WD, EPS = 3e-4, (0.9, 0.95), 0.1, 1e-8
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_model(cfg: GPTConfig, device) -> GPT:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return GPT(cfg)
+
+
+# --- systems: each returns (step(i) -> loss tensor, cleanup) ------------------------------------
+def torch_system(cfg, data, device, compiled: bool):
+    model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compiled else model
+
+    def step(i):
+        x, y = data[i]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def deepspeed_system(cfg, data, device, stage: int, batch: int):
+    import deepspeed
+
+    model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
+    config = {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD, "torch_adam": True, "fused": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+    def step(i):
+        x, y = data[i]
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step
+
+
+def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None):
+    model = make_model(cfg, device)
+    plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {})
+    tx = fz.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+    state = fz.init(model, tx, plan, precision=fz.bf16() if device.type == "cuda" else fz.fp32())
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    def loss_fn(apply, batch):
+        x, y = batch
+        return apply(x, y)
+
+    step_fn = fz.train_step(model, loss_fn, tx, plan)
+    if compiled:
+        step_fn = torch.compile(step_fn)
+    box = {"state": state}
+
+    def step(i):
+        box["state"], metrics = step_fn(box["state"], data[i])
+        return metrics["loss"]
+
+    return step
+
+
+def build(system: str, cfg, data, device, batch):
+    if system == "torch-eager":
+        return torch_system(cfg, data, device, False)
+    if system == "torch-compile":
+        return torch_system(cfg, data, device, True)
+    if system.startswith("ds-zero"):
+        return deepspeed_system(cfg, data, device, int(system[-1]), batch)
+    if system.startswith("fz"):
+        # fz<stage>-<eager|compile>[-offload][:<kernels joined by +, or none>]
+        name, _, kernels = system.partition(":")
+        stage, mode = int(name[2]), name.split("-", 1)[1]
+        if kernels:
+            ks = () if kernels == "none" else tuple(kernels.split("+"))
+            cfg = GPTConfig(**{**cfg.__dict__, "kernels": ks})
+        placement = {"opt_state": "cpu"} if mode.endswith("offload") else None
+        return funzero_system(cfg, data, device, stage, compiled=mode.startswith("compile"), placement=placement)
+    raise ValueError(f"unknown system {system!r}")
+
+
+def run(system, model_name, args, device) -> dict:
+    preset, batch = MODELS[model_name]
+    batch = args.batch or batch
+    cfg = gpt_config(preset, block_size=args.seq) if not args.smoke else GPTConfig(block_size=args.seq, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, cfg.vocab_size, (args.steps, batch, args.seq + 1), generator=g).to(device)
+    data = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_build = time.perf_counter()
+    step = build(system, cfg, data, device, batch)
+    losses = []
+    warm = args.steps - args.timed
+    for i in range(warm):
+        losses.append(step(i))
+    sync(device)
+    t_warm = time.perf_counter() - t_build
+    start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else (None, None)
+    t0 = time.perf_counter()
+    if start is not None:
+        start.record()
+    for i in range(warm, args.steps):
+        losses.append(step(i))
+    if end is not None:
+        end.record()
+    sync(device)
+    if system in args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(warm, min(warm + 2, args.steps)):
+                step(i)
+            sync(device)
+        print(f"--- profile of 2 steps: {model_name} {system} ---")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "22")), max_name_column_width=60))
+    ms = start.elapsed_time(end) / args.timed if start is not None else (time.perf_counter() - t0) * 1e3 / args.timed
+    model = GPT(GPTConfig(**{**cfg.__dict__}))  # CPU, only for the FLOP count
+    flops_tok = model.flops_per_token()
+    n_params = model.num_params()
+    del model
+    tok_s = batch * args.seq / (ms / 1e3)
+    return dict(
+        system=system, model=model_name, params=n_params, batch=batch, seq=args.seq, ms=ms, tokens_per_s=tok_s,
+        mfu=tok_s * flops_tok / PEAK_FLOPS, peak_gib=(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0),
+        loss_first=float(losses[0]), loss_last=float(losses[-1]), warmup_s=t_warm,
+    )
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cleanup():
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def table(rows) -> str:
+    head = f"{'model':>6} {'system':>16} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'loss0':>7} {'lossN':>7} {'warm s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['model']:>6} {r['system']:>16}  ERROR {r['error'][:80]}")
+            continue
+        lines.append(
+            f"{r['model']:>6} {r['system']:>16} {r['ms']:9.1f} {r['tokens_per_s']:9.0f} {r['mfu'] * 100:5.1f}% {r['peak_gib']:9.2f} "
+            f"{r['loss_first']:7.3f} {r['loss_last']:7.3f} {r['warmup_s']:7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    systems = list(dict.fromkeys(r["system"] for r in ok))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rs = {r["system"]: r["tokens_per_s"] for r in ok if r["model"] == m}
+        names = [s for s in systems if s in rs]
+        colors = ["tab:orange" if n.startswith("fz") else ("tab:gray" if n.startswith("ds") else "tab:blue") for n in names]
+        ax.barh(names, [rs[n] / 1e3 for n in names], color=colors)
+        ax.set_title(f"GPT-2 {m}")
+        ax.set_xlabel("thousand tokens / s (one GPU)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="124m,350m,1.5b")
+    p.add_argument("--systems", default="torch-eager,torch-compile,ds-zero1,ds-zero2,ds-zero3,fz0-eager,fz1-eager,fz2-eager,fz3-eager,fz0-compile,fz1-compile,fz2-compile,fz3-compile")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--timed", type=int, default=10)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=0, help="override the per-model batch")
+    p.add_argument("--out", default=os.environ.get("OUT") or "runs")
+    p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, no DeepSpeed")
+    p.add_argument("--profile", default="", help="comma list of systems to profile for 2 steps (top CUDA kernels)")
+    args = p.parse_args(argv)
+    args.profile = [x for x in args.profile.split(",") if x]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.seq, args.steps, args.timed = 32, 4, 2
+    os.makedirs(args.out, exist_ok=True)
+    systems = args.systems.split(",")
+    if any(s.startswith("ds-") for s in systems) and not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    rows = []
+    for m in args.models.split(","):
+        for s in systems:
+            log(f"{m} {s} ...")
+            try:
+                r = run(s, m, args, device)
+            except Exception as e:  # noqa: BLE001 - record and go on: one OOM must not lose the table
+                traceback.print_exc()
+                r = dict(system=s, model=m, error=f"{type(e).__name__}: {e}")
+            cleanup()
+            rows.append(r)
+            log(json.dumps(r))
+            with open(os.path.join(args.out, "train_step.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+    print(table(rows))
+    try:
+        plot(rows, os.path.join(args.out, "train_step.png"))
+    except Exception as e:  # noqa: BLE001
+        log(f"plot failed: {e}")
+
+
+if __name__ == "__main__":
+    main()
