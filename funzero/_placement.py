@@ -1,9 +1,9 @@
 """Placement: on which memory each part of the state lives. Offload is nothing more than this.
 
-``placement={"opt_state": "cpu"}`` keeps the fp32 master and the optimizer's moments in pinned
-host memory (ZeRO-Offload); ``"nvme:/path"`` keeps them in files (ZeRO-Infinity);
-``{"params": "cpu"}`` keeps stage-3 parameter shards on the host and gathers them onto the device
-just in time. Values: ``"device"`` (default: the mesh's device), ``"cuda"``, ``"cpu"``,
+``placement={"opt_state": "cpu"}`` keeps the fp32 master and the optimizer's moments in host
+memory (ZeRO-Offload); ``"nvme:/path"`` keeps them in files (ZeRO-Infinity);
+``{"params": "cpu"}`` keeps stage-3 parameter shards in pinned host memory and gathers them onto
+the device just in time. Values: ``"device"`` (default: the mesh's device), ``"cuda"``, ``"cpu"``,
 ``"nvme:<dir>"``.
 
 NVMe state is a set of memory-mapped files, one per state leaf. An update never writes a file the
@@ -102,6 +102,17 @@ class Placement:
         """Where tensors of ``key`` are allocated (nvme: host memory backed by files)."""
         return self.compute if self.kind(key) == "device" else torch.device("cpu")
 
+    def pinned(self, key: str) -> bool:
+        """Host leaves of ``key`` are pinned only if they are copied to or from the device.
+
+        Stage-3 parameter shards travel to the device at every gather, so they are pinned.
+        The optimizer's master and moments never leave the host (gradients come in and
+        parameters go out through pinned staging buffers), so they are not: pinning them would
+        only cost page-locked memory, which the caching host allocator also rounds up to a
+        power of two per buffer.
+        """
+        return key == "params" and self.kind(key) == "cpu" and torch.cuda.is_available()
+
     def empty(self, key: str, n: int, dtype: torch.dtype, *, name: str) -> torch.Tensor:
         """A new buffer for a state leaf of ``key``."""
         kind = self.kind(key)
@@ -109,14 +120,19 @@ class Placement:
             assert self.store is not None
             return self.store.create(name, n, dtype)
         if kind == "cpu":
-            pin = torch.cuda.is_available()
-            return torch.empty(n, dtype=dtype, pin_memory=pin)
+            return torch.empty(n, dtype=dtype, pin_memory=self.pinned(key))
         return torch.empty(n, dtype=dtype, device=self.compute)
 
     def place(self, key: str, t: torch.Tensor, *, name: str) -> torch.Tensor:
-        """``t`` copied into a buffer where ``key`` lives (0-d scalars stay in memory)."""
+        """``t`` in a buffer where ``key`` lives (0-d scalars stay in memory).
+
+        A host tensor that already satisfies the placement is kept as it is (no second copy:
+        at init the optimizer's zeros are made on the host already).
+        """
         if t.dim() == 0:
             return t.to(self.memory_device(key) if self.kind(key) != "nvme" else "cpu")
+        if self.kind(key) == "cpu" and t.device.type == "cpu" and (t.is_pinned() or not self.pinned(key)):
+            return t
         out = self.empty(key, t.numel(), t.dtype, name=name).view(t.shape)
         out.copy_(t)
         return out
@@ -129,7 +145,7 @@ class Placement:
         if kind == "nvme":
             return t.device.type == "cpu" and NvmeStore.is_file_backed(t)
         if kind == "cpu":
-            return t.device.type == "cpu" and (t.is_pinned() or not torch.cuda.is_available())
+            return t.device.type == "cpu" and (t.is_pinned() or not self.pinned(key))
         return t.device == self.compute or (t.device.type == self.compute.type == "cpu")
 
 

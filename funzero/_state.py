@@ -153,11 +153,11 @@ def init(
         full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=torch.zeros(lay.padded, dtype=master_dtype, device=device))
         own = lay.shard(full, rank)
         if stage == 3:
-            out_params[g] = pl.place("params", own.to(precision.param_dtype), name=f"params.{g}")
+            out_params[g] = pl.place("params", own.to(precision.param_dtype, copy=True), name=f"params.{g}")
         else:
             out_params[g] = full.to(precision.param_dtype, copy=True)
         if precision.has_master:
-            out_master[g] = pl.place("opt_state", full if stage == 0 else own, name=f"master.{g}")
+            out_master[g] = pl.place("opt_state", full if stage == 0 else own.clone(), name=f"master.{g}")
         del full, own
     opt_target = out_master if precision.has_master else (
         out_params if stage in (0, 3) else {g: binding.layouts[g].shard(t, rank) for g, t in out_params.items()}
