@@ -38,30 +38,6 @@ def rss_gib() -> float:
     return float("nan")
 
 
-def ds_offload(cfg, data, device, batch):
-    import deepspeed
-
-    model = ts.make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
-    config = {
-        "train_micro_batch_size_per_gpu": batch,
-        "gradient_accumulation_steps": 1,
-        "bf16": {"enabled": True},
-        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True, "contiguous_gradients": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": ts.LR, "betas": list(ts.BETAS), "eps": ts.EPS, "weight_decay": ts.WD}},
-        "steps_per_print": 10**9,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-
-    def step(i):
-        x, y = data[i]
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
-
-    return step
-
-
 def run(system, cfg, batch, args, device, placement=None):
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (args.steps, batch, args.seq + 1), generator=g).to(device)
@@ -69,7 +45,7 @@ def run(system, cfg, batch, args, device, placement=None):
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if system == "ds-zero2-offload":
-        step = ds_offload(cfg, data, device, batch)
+        step = ts.deepspeed_system(cfg, data, device, 2, batch, offload=True)
     else:
         stage = int(system[2])
         step = ts.funzero_system(cfg, data, device, stage, compiled="compile" in system, placement=placement or {"opt_state": "cpu"})

@@ -70,16 +70,23 @@ def torch_system(cfg, data, device, compiled: bool):
     return step
 
 
-def deepspeed_system(cfg, data, device, stage: int, batch: int):
+def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool = False):
+    """DeepSpeed's engine; ``offload`` moves the optimizer to the CPU with its DeepSpeedCPUAdam."""
     import deepspeed
 
     model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    else:  # torch's fused kernel through DeepSpeed: its strongest optimizer without a JIT build
+        params.update(torch_adam=True, fused=True)
     config = {
         "train_micro_batch_size_per_gpu": batch,
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": True},
-        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD, "torch_adam": True, "fused": True}},
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": params},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
