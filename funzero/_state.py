@@ -147,7 +147,11 @@ def init(
     pl = binding.placement
     master_dtype = precision.opt_dtype
     if pl.store is not None:
-        pl.store.check_space(_offload_bytes(binding, precision, tx))
+        from funzero._memory import estimate_memory
+
+        # The memory model's NVMe figure already counts the copy each update writes.
+        est = estimate_memory(binding, tx=tx, precision=precision, placement=dict(plan.placement))
+        pl.store.check_space(est.nvme // 2)
     out_params, out_master = {}, {}
     for g, lay in binding.layouts.items():
         full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=torch.zeros(lay.padded, dtype=master_dtype, device=device))
@@ -203,20 +207,6 @@ def _place_tree(pl, tree, prefix: str):
         out.append(pl.place("opt_state", x, name=f"{prefix}." + ".".join(map(str, path))) if isinstance(x, torch.Tensor) else x)
         del x
     return optree.tree_unflatten(spec, out)
-
-
-def _offload_bytes(binding: Binding, precision: Precision, tx) -> int:
-    """Bytes of the state that go to NVMe, from the layouts (before anything is allocated)."""
-    pl = binding.placement
-    shard = {g: (lay.padded if binding.stage == 0 else lay.shard_numel) for g, lay in binding.layouts.items()}
-    n = sum(shard.values())
-    out = 0
-    if pl.kind("opt_state") == "nvme":
-        # master + two fp32 moments (Adam's); a generous bound for other optimizers
-        out += n * 4 * (3 if precision.has_master else 2)
-    if pl.kind("params") == "nvme":
-        out += n * torch.empty((), dtype=precision.param_dtype).element_size()
-    return out
 
 
 def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
