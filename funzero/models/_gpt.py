@@ -165,8 +165,8 @@ class GPT(nn.Module):
             # ce-inplace: the logits are a temporary nothing else reads, so their gradient may
             # overwrite them (saves one (B*T, V) buffer).
             inplace = "ce-inplace" in self.cfg.kernels
-            return _ops().cross_entropy(logits.view(B * T, -1), targets.view(-1), inplace_backward=inplace)
-        return F.cross_entropy(logits.view(B * T, -1).float(), targets.view(-1))
+            return _ops().cross_entropy(logits.view(B * T, -1), targets.reshape(-1), inplace_backward=inplace)
+        return F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
