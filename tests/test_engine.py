@@ -198,3 +198,49 @@ def test_bad_batch_and_mismatched_world_name_the_value():
     errors = run_world(_bad_batch_and_world, 2)[0]
     assert "batch leaf '0' has shape (3, 16): dim 0 must divide over 2 ranks" in errors["batch"]
     assert "initialised for 2 ranks on axis 'dp', the plan's mesh has 1" in errors["world"]
+
+
+class _TiedWithBuffer(torch.nn.Module):
+    """Tied input/output embedding (in different groups' modules) and a non-trainable buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 6)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(2))
+        self.head = torch.nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6))
+
+    def forward(self, x, y):
+        h = self.emb(x) * self.scale
+        for b in self.blocks:
+            h = torch.tanh(b(h))
+        return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
+
+
+def _tied_buffer(rank, world):
+    out = {}
+    for stage in (0, 2, 3):
+        torch.manual_seed(0)
+        model = _TiedWithBuffer().double()
+        plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."])
+        tx = fz.optim.adamw(1e-2)
+        state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
+        step = fz.train_step(model, lm_loss, tx, plan)
+        for b in batches(3, seq=5, vocab=11):
+            state, _ = step(state, b)
+        out[stage] = (fz.gather_params(state, plan), model.scale.clone())
+    return out
+
+
+def test_tied_weights_and_buffers_across_stages():
+    torch.manual_seed(0)
+    ref_model = _TiedWithBuffer().double()
+    ref = torch_reference(ref_model, batches(3, seq=5, vocab=11), weight_decay=1e-2)
+    assert "head.weight" not in ref  # tied: one parameter under its first name
+    res = run_world(_tied_buffer, 2)[0]
+    for stage, (got, scale) in res.items():
+        assert set(got) == set(ref), stage
+        for k in ref:
+            assert _rel(got[k], ref[k]) < 1e-10, (stage, k)
+        assert torch.equal(scale, ref_model.scale), stage
