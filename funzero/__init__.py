@@ -7,6 +7,7 @@
 """
 
 from funzero import optim
+from funzero._checkpoint import load_state, save_state
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._gather import track_gathered
 from funzero._memory import (
@@ -53,9 +54,11 @@ __all__ = [
     "fp32",
     "gather_params",
     "init",
+    "load_state",
     "optim",
     "param_count",
     "reduce_scatter",
+    "save_state",
     "state_nbytes",
     "track_gathered",
     "train_step",
