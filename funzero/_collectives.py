@@ -84,10 +84,6 @@ def _record(op: str, tag: str, numel: int, itemsize: int) -> None:
         c.record(op, tag, numel, itemsize)
 
 
-def _group(mesh: Mesh, axis: str):
-    return mesh.group(axis)
-
-
 # torch 2.13 renamed these too; the old names warn there.
 _c10d_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _c10d_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -120,7 +116,7 @@ def all_gather(
     ``out`` (eager only) receives the result; ``shard`` may be this rank's slice of ``out``
     (an in-place gather, as after a stage-1/2 update).
     """
-    group = _group(mesh, axis)
+    group = mesh.group(axis)
     if group is None:
         if out is not None and out.data_ptr() != shard.data_ptr():
             out.copy_(shard)
@@ -144,7 +140,7 @@ def reduce_scatter(
     full: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg", tag: str = "grad"
 ) -> torch.Tensor:
     """Reduce ``full`` (1-D, divisible by the axis size) over ranks; return this rank's slice."""
-    group = _group(mesh, axis)
+    group = mesh.group(axis)
     if group is None:
         return full
     n = mesh.size(axis)
@@ -161,7 +157,7 @@ def reduce_scatter(
 
 def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg", tag: str = "grad") -> torch.Tensor:
     """Reduce ``x`` over the ranks of ``axis``; every rank gets the result (a new tensor)."""
-    group = _group(mesh, axis)
+    group = mesh.group(axis)
     if group is None:
         return x
     _record("all_reduce", tag, 2 * x.numel(), x.element_size())

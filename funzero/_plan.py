@@ -64,6 +64,28 @@ class Plan:
         """Stages 0, 2, 3 reduce each group's gradient during backward; stage 1 once per step."""
         return self.stage != 1
 
+    @property
+    def params_sharded(self) -> bool:
+        return isinstance(self.param_spec, Shard)
+
+    @property
+    def grads_sharded(self) -> bool:
+        return isinstance(self.grad_spec, Shard)
+
+    @property
+    def opt_sharded(self) -> bool:
+        return isinstance(self.opt_spec, Shard)
+
+    def opt_view(self, params: "torch.Tensor", layout: FlatLayout) -> "torch.Tensor":
+        """The part of a group's params buffer that this rank's optimizer state covers.
+
+        The whole buffer where both are full (stage 0) or both are this rank's shard (stage 3);
+        this rank's shard of the full buffer where only the optimizer state is sharded (1, 2).
+        """
+        if self.opt_sharded and not self.params_sharded:
+            return layout.shard(params, self.rank)
+        return params
+
 
 def zero(
     stage: int,

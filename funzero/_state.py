@@ -143,7 +143,7 @@ def init(
     for p, v in values.items():
         if v.device.type == "meta":
             raise ValueError(f"parameter {p!r} is on the meta device; pass its value in params=")
-    stage, rank = plan.stage, plan.rank
+    rank = plan.rank
     pl = binding.placement
     master_dtype = precision.opt_dtype
     if pl.store is not None:
@@ -156,22 +156,22 @@ def init(
     for g, lay in binding.layouts.items():
         full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=torch.zeros(lay.padded, dtype=master_dtype, device=device))
         own = lay.shard(full, rank)
-        if stage == 3:
+        if plan.params_sharded:
             out_params[g] = pl.place("params", own.to(precision.param_dtype, copy=True), name=f"params.{g}")
         else:
             out_params[g] = full.to(precision.param_dtype, copy=True)
         if precision.has_master:
-            out_master[g] = pl.place("opt_state", full if stage == 0 else own.clone(), name=f"master.{g}")
+            out_master[g] = pl.place("opt_state", own.clone() if plan.opt_sharded else full, name=f"master.{g}")
         del full, own
     opt_target = out_master if precision.has_master else (
-        out_params if stage in (0, 3) else {g: binding.layouts[g].shard(t, rank) for g, t in out_params.items()}
+        {g: plan.opt_view(t, binding.layouts[g]) for g, t in out_params.items()}
     )
     from funzero.optim import MultiSteps
 
     if isinstance(tx, MultiSteps):
         # The accumulator holds what backward produces: stage 1 full local gradients, else
         # gradients shaped like the optimizer's target, on the compute device.
-        grad_like = out_params if stage == 1 else {g: torch.empty(t.shape, dtype=t.dtype, device=device) for g, t in opt_target.items()}
+        grad_like = out_params if not plan.reduce_in_backward else {g: torch.empty(t.shape, dtype=t.dtype, device=device) for g, t in opt_target.items()}
         opt_state = tx.init(opt_target, grad_like=grad_like)
         opt_state = opt_state._replace(inner_state=_place_tree(pl, opt_state.inner_state, "opt"))
     else:

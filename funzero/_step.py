@@ -95,7 +95,7 @@ class _Engine:
         self.spec = CommSpec(p.mesh, p.axis, b.precision.reduce_dtype)
         # Stage 3 gathers groups just in time when there is something to gather: shards on other
         # ranks, or shards that live on the host.
-        self.gathered = p.stage == 3 and (p.num_shards > 1 or b.placement.host("params"))
+        self.gathered = p.params_sharded and (p.num_shards > 1 or b.placement.host("params"))
         if self.gathered:
             if self.hooks is not None:
                 self.hooks.remove()
@@ -112,7 +112,7 @@ class _Engine:
         """
         p, b = self.plan, state.binding
         n = p.num_shards
-        direct = not self.gathered and (n == 1 or p.stage == 1)
+        direct = not self.gathered and (n == 1 or not p.reduce_in_backward)
         prec = b.precision
         # Reduced gradients arrive in the reduce dtype (fp32 by default under bf16: exact sums,
         # and what the fp32 master wants); a rank that reduces nothing keeps the param dtype.
@@ -122,7 +122,7 @@ class _Engine:
             if direct:
                 out[g] = state.params[g].detach().requires_grad_()
             else:
-                numel = lay.padded if p.stage == 0 else lay.shard_numel
+                numel = lay.shard_numel if p.grads_sharded else lay.padded
                 out[g] = torch.zeros((), dtype=dtype, device=b.placement.compute).expand(numel).requires_grad_()
         return out
 
@@ -134,9 +134,9 @@ class _Engine:
         if not self.gathered:
             for g, lay in b.layouts.items():
                 a, src = anchors[g], state.params[g]
-                if n > 1 and p.stage == 0:
+                if n > 1 and p.reduce_in_backward and not p.grads_sharded:
                     full = AllReduceGrad.apply(a, src, self.spec)
-                elif n > 1 and p.stage == 2:
+                elif n > 1 and p.grads_sharded:
                     full = ScatterGrad.apply(a, src, self.spec)
                 else:
                     full = a  # differentiate the param buffer itself
@@ -164,7 +164,7 @@ class _Engine:
     def finish_reduce(self, grads: dict, state: TrainState) -> dict:
         """Stage 1 reduces once per optimizer step, here; the other stages did so in backward."""
         p, b = self.plan, state.binding
-        if p.stage != 1 or p.num_shards == 1:
+        if p.reduce_in_backward or p.num_shards == 1:
             return grads
         rd = b.precision.reduce_dtype
         out = {}
@@ -184,10 +184,7 @@ class _Engine:
         pl = b.placement
         host = pl.host("opt_state")
 
-        def own(t, g):
-            return t if p.stage in (0, 3) else b.layouts[g].shard(t, b.rank)
-
-        params_own = {g: own(t, g) for g, t in state.params.items()}
+        params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
         master = state.master
         store = pl.store
         pending, pending_params = [], []
@@ -206,7 +203,7 @@ class _Engine:
         info = ShardInfo(
             b.layouts,
             b.rank,
-            sharded=p.stage >= 1 and p.num_shards > 1,
+            sharded=p.opt_sharded and p.num_shards > 1,
             psum=lambda x: all_reduce(x.to(pl.compute), p.mesh, p.axis, op="sum", tag="norm").to(x.device),
         )
         state_dev = next(iter(target.values())).device
@@ -249,7 +246,7 @@ class _Engine:
             master, new_opt = _nvme_commit(store, pending, master, new_opt)
             if pl.kind("params") == "nvme":
                 new_params, _ = _nvme_commit(store, pending_params, params_own, None)
-        if p.stage in (1, 2) and p.num_shards > 1:
+        if p.opt_sharded and not p.params_sharded and p.num_shards > 1:
             # Stages 1-2 hold full params: every rank gathers the updated shards, in place.
             for g, full in state.params.items():
                 all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
