@@ -10,6 +10,11 @@ the timed steps). Peers in this run:
                      its DeepSpeedCPUAdam (JIT-built here), bf16
   fz2-eager-offload  funzero stage 2, ``placement={"opt_state": "cpu"}``, eager step
   fz2-compile-offload  the same step under torch.compile
+  ...-dpu            with ZeRO-Offload's one-step delayed parameter update (``delayed_update=True``;
+                     changes the numerics, so its loss is not comparable step for step)
+  --adam             host AdamW alone, Gparam/s: DeepSpeedCPUAdam (fp32 grads), torch fused
+                     (``torch.optim.AdamW(fused=True)``, fp32 grads), funzero's host kernel (bf16
+                     grads in, bf16 params out)
 Peak memory is GPU memory (``max_memory_allocated``); host memory is read from /proc (RSS).
 """
 
@@ -48,7 +53,8 @@ def run(system, cfg, batch, args, device, placement=None):
         step = ts.deepspeed_system(cfg, data, device, 2, batch, offload=True)
     else:
         stage = int(system[2])
-        step = ts.funzero_system(cfg, data, device, stage, compiled="compile" in system, placement=placement or {"opt_state": "cpu"})
+        step = ts.funzero_system(cfg, data, device, stage, compiled="compile" in system,
+                                 placement=placement or {"opt_state": "cpu"}, delayed_update=system.endswith("-dpu"))
     losses = []
     warm = args.steps - args.timed
     for i in range(warm):
@@ -71,9 +77,60 @@ def run(system, cfg, batch, args, device, placement=None):
     )
 
 
+def host_adam(n: int, reps: int = 5) -> list[dict]:
+    """Host AdamW over ``n`` fp32 params: DeepSpeedCPUAdam vs torch fused vs funzero's kernel."""
+    import statistics
+
+    from funzero import ops
+
+    hp = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    rows = []
+
+    def timed(name, threads, fn):
+        fn()  # warm: page faults, builds
+        ts_ = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts_.append(time.perf_counter() - t0)
+        ms = statistics.median(ts_) * 1e3
+        rows.append(dict(system=name, threads=threads, n=n, ms=ms, gparams_per_s=n / ms / 1e6))
+        ts.log(json.dumps(rows[-1]))
+
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(n, generator=g) * 0.02)
+    p.grad = torch.randn(n, generator=g) * 1e-3
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam([p], adamw_mode=True, **hp)
+        timed("deepspeed-cpuadam (fp32 grad)", threads, opt.step)
+        del opt
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        rows.append(dict(system="deepspeed-cpuadam (fp32 grad)", error=f"{type(e).__name__}: {e}"))
+    opt = torch.optim.AdamW([p], fused=True, **hp)
+    timed("torch fused (fp32 grad)", threads, opt.step)
+    del opt
+    master, mu, nu = p.detach().clone(), torch.zeros(n), torch.zeros(n)
+    grad, out = p.grad.to(torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    step = [0]
+
+    def fz_step():
+        step[0] += 1
+        ops.adamw_(master, grad, mu, nu, out, lr=hp["lr"], step=step[0], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+    for t in sorted({threads, max(1, threads - 1)}):
+        with ops.host_threads(t):
+            timed("funzero host kernel (bf16 grad, bf16 out)", t, fz_step)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--systems", default="ds-zero2-offload,fz2-eager-offload,fz2-compile-offload")
+    p.add_argument("--systems", default="fz2-compile-offload,fz2-compile-offload-dpu,fz2-eager-offload,ds-zero2-offload")
+    p.add_argument("--adam", type=float, default=0, help="also time host AdamW alone over this many million params")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--timed", type=int, default=6)
     p.add_argument("--seq", type=int, default=1024)
@@ -98,6 +155,12 @@ def main(argv=None):
         with open(os.path.join(args.out, "offload.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
+    adam_rows = []
+    if args.adam:  # first: it also builds DeepSpeed's CPUAdam that ds-zero2-offload uses
+        adam_rows = host_adam(int(args.adam * 1e6))
+        with open(os.path.join(args.out, "offload_adam.json"), "w") as f:
+            json.dump(adam_rows, f, indent=1)
+        ts.cleanup()
     jobs = [(s, cfg, args.batch, None) for s in args.systems.split(",") if s]
     if args.nvme:
         jobs.append(("fz2-eager-nvme", cfg, args.batch, {"opt_state": f"nvme:{args.nvme}"}))
@@ -119,6 +182,13 @@ def main(argv=None):
             r = dict(system=system, error=f"{type(e).__name__}: {e}")
         ts.cleanup()
         record(r)
+    if adam_rows:
+        print(f"{'host AdamW':>42} {'threads':>8} {'ms':>8} {'Gparam/s':>9}")
+        for r in adam_rows:
+            if "error" in r:
+                print(f"{r['system']:>42}  ERROR {r['error'][:80]}")
+            else:
+                print(f"{r['system']:>42} {r['threads']:>8} {r['ms']:8.1f} {r['gparams_per_s']:9.2f}")
     head = f"{'system':>26} {'params':>8} {'ms/step':>9} {'tok/s':>8} {'GPU GiB':>8} {'host GiB':>9} {'loss0':>7} {'lossN':>7}"
     print(head)
     for r in rows:

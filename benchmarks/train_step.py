@@ -102,9 +102,9 @@ def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool
     return step
 
 
-def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None):
+def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None, delayed_update=False):
     model = make_model(cfg, device)
-    plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {})
+    plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {}, delayed_update=delayed_update)
     tx = fz.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
     state = fz.init(model, tx, plan, precision=fz.bf16() if device.type == "cuda" else fz.fp32())
     gc.collect()

@@ -10,6 +10,7 @@ from funzero import optim
 from funzero._checkpoint import load_state, save_state
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._gather import track_gathered
+from funzero._offload import sync
 from funzero._memory import (
     ActivationEstimate,
     Candidate,
@@ -60,6 +61,7 @@ __all__ = [
     "reduce_scatter",
     "save_state",
     "state_nbytes",
+    "sync",
     "track_gathered",
     "train_step",
     "zero",

@@ -37,6 +37,7 @@ class Plan:
     batch: str = "global"
     leaf_align: int = 16
     shard_align: int = 64
+    delayed_update: bool = False
 
     @property
     def num_shards(self) -> int:
@@ -98,6 +99,7 @@ def zero(
     batch: str = "global",
     leaf_align: int = 16,
     shard_align: int = 64,
+    delayed_update: bool = False,
 ) -> Plan:
     """The plan for ZeRO ``stage`` on ``mesh``.
 
@@ -117,6 +119,10 @@ def zero(
         rest: group of unmatched leaves, or ``None`` to require every leaf be matched.
         placement: offload: ``{"opt_state": "cpu"}`` etc. (see ``funzero.placement``).
         batch: ``"global"`` or ``"local"`` (see :class:`Plan`).
+        delayed_update: with ``placement={"opt_state": "cpu"}``, ZeRO-Offload's one-step delayed
+            parameter update: step t's host update overlaps step t+1's forward and backward, so
+            each gradient is taken at the parameters from before the previous update. Changes
+            the numerics; off by default. See ``funzero._offload``.
 
     Example:
         >>> plan = zero(3, groups=[r"blocks\\.(\\d+)\\."])
@@ -132,7 +138,12 @@ def zero(
     from funzero._placement import validate_placement
 
     placement = validate_placement(dict(placement or {}), stage)
-    return Plan(stage, mesh, axis, groups, rest, placement, batch, leaf_align, shard_align)
+    if delayed_update and placement.get("opt_state") != "cpu":
+        raise ValueError(
+            f"delayed_update=True needs placement opt_state='cpu' (it overlaps the host update with "
+            f"the next step), got placement={placement!r}"
+        )
+    return Plan(stage, mesh, axis, groups, rest, placement, batch, leaf_align, shard_align, bool(delayed_update))
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,9 @@ def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.d
         dtype: cast to this dtype (default: the master dtype where there is one, so fp32
             training returns exact values; bf16 returns the fp32 master, gathered).
     """
+    from funzero._offload import sync
+
+    sync(state)  # a delayed host update still running would be read half-done
     b = state.binding
     out = {}
     use_master = state.master is not None

@@ -182,6 +182,9 @@ class _Engine:
         """
         p, b = self.plan, state.binding
         pl = b.placement
+        parts = self.split(state, opt_state)
+        if parts is not None:
+            return self.host_update(state, grads, opt_state, grad_scale, found_inf, parts)
         host = pl.host("opt_state")
 
         params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
@@ -200,12 +203,7 @@ class _Engine:
             param_out = params_own  # same memory (device, or stage-3 params on the host)
         else:  # host update, device params: write a pinned staging copy, then copy it over
             param_out = {g: torch.empty(t.numel(), dtype=t.dtype, pin_memory=torch.cuda.is_available()) for g, t in params_own.items()}
-        info = ShardInfo(
-            b.layouts,
-            b.rank,
-            sharded=p.opt_sharded and p.num_shards > 1,
-            psum=lambda x: all_reduce(x.to(pl.compute), p.mesh, p.axis, op="sum", tag="norm").to(x.device),
-        )
+        info = self.info(b)
         state_dev = next(iter(target.values())).device
 
         def to_state(gr: dict) -> dict:
@@ -251,6 +249,75 @@ class _Engine:
             for g, full in state.params.items():
                 all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
         return new_opt, master, new_params
+
+    def info(self, b) -> ShardInfo:
+        p, pl = self.plan, b.placement
+        return ShardInfo(
+            b.layouts,
+            b.rank,
+            sharded=p.opt_sharded and p.num_shards > 1,
+            psum=lambda x: all_reduce(x.to(pl.compute), p.mesh, p.axis, op="sum", tag="norm").to(x.device),
+        )
+
+    def pipelined(self, state: TrainState) -> bool:
+        """Whether the update takes the pipelined host path (``_offload.py``): optimizer state in
+        host memory (not files), an fp32 master, and an optimizer with a fused per-group update."""
+        return self.split(state, state.opt_state if self.multi is None else state.opt_state.inner_state) is not None
+
+    def split(self, state: TrainState, opt_state: Any):
+        """``(prefix, per-group update, its state, join)`` for the pipelined host update, or None."""
+        pl = state.binding.placement
+        fa = self.inner.fused_apply
+        parts = getattr(fa, "split", None)
+        ok = (
+            pl.kind("opt_state") == "cpu"
+            and pl.store is None
+            and state.master is not None
+            and all(t.dtype == torch.float32 for t in state.master.values())
+            and parts is not None
+        )
+        parts = parts(opt_state) if ok else None
+        if self.plan.delayed_update and parts is None:
+            raise ValueError(
+                "delayed_update=True needs an optimizer whose update runs group by group "
+                "(funzero.optim.adamw with float hyperparameters, optionally after stateless "
+                "transforms such as clip_by_global_norm in a chain) and an fp32 master (bf16 or "
+                "fp16 precision)"
+            )
+        return parts
+
+    @torch.compiler.disable
+    def host_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf, parts):
+        """The update of host-placed optimizer state, pipelined per group (``_offload.py``)."""
+        from funzero._offload import HostUpdater
+
+        p, b = self.plan, state.binding
+        master, info = state.master, self.info(b)
+        prefix, last, last_state, join = parts
+        new_prefix = None
+        if prefix is not None:  # e.g. clipping: over all groups, on the device, before the copies
+            grads, new_prefix = prefix(grads, master, info)
+        # The host reads these anyway: one sync, with fp16 loss scaling only.
+        grad_scale = None if grad_scale is None else grad_scale.to("cpu")
+        found_inf = None if found_inf is None else found_inf.to("cpu")
+        params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
+
+        def update(g: str, grad: torch.Tensor, out: torch.Tensor) -> None:
+            last({g: grad}, last_state, {g: master[g]}, param_out={g: out},
+                 grad_scale=grad_scale, found_inf=found_inf, info=info)
+
+        # The new optimizer state (counts advanced; moments are updated in place, group by group).
+        new_opt = join(new_prefix, last({}, last_state, {}, found_inf=found_inf, info=info))
+        finish = None
+        if p.opt_sharded and not p.params_sharded and p.num_shards > 1:
+            full_params = dict(state.params)
+
+            def finish() -> None:  # stages 1-2: every rank gathers the updated shards, in place
+                for g, full in full_params.items():
+                    all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
+
+        HostUpdater.of(b, b.placement.compute).run(grads, params_own, update, delayed=p.delayed_update, finish=finish)
+        return new_opt, master, state.params
 
     def nonfinite(self, grads: dict) -> torch.Tensor:
         """1.0 if any rank's gradient holds an inf/NaN (one all-reduce of a scalar), else 0.0.

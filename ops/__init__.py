@@ -11,6 +11,7 @@ The references are importable as ``funzero.ops.reference.<op>``.
 
 from . import reference
 from ._adamw import adamw_, nonfinite_
+from ._cpu_adamw import host_threads
 from ._cross_entropy import cross_entropy
 from ._dispatch import backend, get_backend
 from ._gelu import bias_gelu
@@ -24,6 +25,7 @@ __all__ = [
     "cross_entropy",
     "dequantize_int8",
     "get_backend",
+    "host_threads",
     "layer_norm",
     "nonfinite_",
     "quantize_int8",

@@ -28,7 +28,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._dispatch import INTERPRET, cast_to, num_sms, tl, triton, use_triton
+from . import _cpu_adamw
+from ._dispatch import INTERPRET, cast_to, get_backend, num_sms, tl, triton, use_triton
 
 __all__ = ["adamw_", "nonfinite_", "adamw_reference_", "nonfinite_reference_"]
 
@@ -248,6 +249,15 @@ def _adamw_op(master: Tensor, grad: Tensor, mu: Tensor, nu: Tensor, param_out: O
     if use_triton(master):
         _adamw_triton(master, grad, mu, nu, param_out, lr, lr_value, step, step_value, beta1, beta2, eps,
                       weight_decay, grad_scale, found_inf)
+    elif master.device.type == "cpu" and get_backend() == "auto" and _cpu_adamw.supports(grad, param_out) \
+            and _cpu_adamw.available():
+        # Host memory: the fused C pass; 0-d tensors are read for free here.
+        if found_inf is not None and found_inf.item() != 0:
+            return
+        _cpu_adamw.adamw_cpu_(
+            master, grad, mu, nu, param_out, lr=float(lr) if lr is not None else lr_value,
+            step=int(step) if step is not None else step_value, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, grad_scale=1.0 if grad_scale is None else float(grad_scale))
     else:
         adamw_reference_(master, grad, mu, nu, param_out, lr=lr if lr is not None else lr_value,
                          step=step if step is not None else step_value, beta1=beta1, beta2=beta2, eps=eps,

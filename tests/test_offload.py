@@ -109,3 +109,122 @@ def test_bad_placements_fail_at_plan_or_init_with_the_value(tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
     with pytest.raises(ValueError, match=r"has 0.00 GiB free; the state needs"):
         fz.init(tiny_gpt(), optim.adamw(1e-3), fz.zero(2, placement={"opt_state": f"nvme:{tmp_path}/ok"}))
+
+
+# --- the pipelined host update (funzero/_offload.py) -------------------------------------------
+# A fused optimizer (plain adamw) takes the pipelined path: gradients copied out per group, a
+# worker thread updating group by group, parameters copied back. On CPU the copies are plain
+# copies, the worker thread and its ordering are the real ones.
+PIPE_CASES = [
+    (1, {"opt_state": "cpu"}, "bf16"),
+    (2, {"opt_state": "cpu"}, "bf16"),
+    (2, {"opt_state": "cpu"}, "fp16"),
+    (2, {"opt_state": "cpu"}, "bf16+clip"),  # the clip coefficient is global, the update per group
+    (3, {"opt_state": "cpu"}, "bf16"),
+    (3, {"opt_state": "cpu", "params": "cpu"}, "bf16+clip"),
+]
+
+
+def _precision(name):
+    return fz.bf16() if name.startswith("bf16") else fz.fp16(initial_scale_power=8)
+
+
+def _tx(name):
+    tx = optim.adamw(1e-2, weight_decay=0.1, mask=r"weight$")
+    # max_norm small enough that every step clips (a per-group norm would give other bits)
+    return optim.chain(optim.clip_by_global_norm(0.05), tx) if name.endswith("+clip") else tx
+
+
+def _pipelined(rank, world, cases, steps, delayed):
+    out = {}
+    for stage, placement, prec in cases:
+        runs = {}
+        for name, pl, dpu in (("default", {}, False), ("placed", placement, delayed)):
+            model = tiny_gpt()
+            plan = fz.zero(stage, groups=GROUPS, placement=pl, delayed_update=dpu)
+            tx = _tx(prec)
+            state = fz.init(model, tx, plan, precision=_precision(prec))
+            step = fz.train_step(model, lm_loss, tx, plan)
+            assert step.engine.pipelined(state) == (name == "placed")
+            hist = [[t.clone() for t in state.params.values()]]
+            misplaced = [_check_placed(state, pl)]
+            for i, b in enumerate(batches(steps)):
+                if delayed and name == "default":
+                    # Emulate the delayed update with the ordinary step: compute step t's gradient
+                    # at the parameters from before step t-1's update.
+                    for t, lag in zip(state.params.values(), hist[max(0, i - 1)]):
+                        t.copy_(lag)
+                state, _ = step(state, b)
+                if delayed and name == "default":
+                    hist.append([t.clone() for t in state.params.values()])
+                misplaced.append(_check_placed(state, pl))
+            fz.sync(state)
+            if delayed and name == "default":
+                for t, new in zip(state.params.values(), hist[-1]):
+                    t.copy_(new)
+            runs[name] = (fz.gather_params(state, plan), misplaced, [t.clone() for t in _leaves(state.params)], int(state.step))
+        out[(stage, str(placement), prec)] = runs
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("delayed", [False, True])
+def test_pipelined_host_update_is_bit_identical(world, delayed):
+    """Pipelined: same bits as the device-placed step. Delayed: same bits as the device-placed step
+    fed the parameters from before the previous update (ZeRO-Offload's DPU, emulated)."""
+    res = run_world(_pipelined, world, PIPE_CASES, 4, delayed)[0]
+    for key, runs in res.items():
+        want, _, want_params, want_step = runs["default"]
+        got, misplaced, got_params, got_step = runs["placed"]
+        assert all(not m for m in misplaced), (key, misplaced)
+        assert got_step == want_step, key
+        for k in want:
+            assert torch.equal(got[k], want[k]), (key, k, (got[k] - want[k]).abs().max())
+        assert all(torch.equal(a, b) for a, b in zip(got_params, want_params)), key
+
+
+def test_delayed_update_changes_the_trajectory_and_sync_is_needed():
+    """The emulation above could pass vacuously if 'delayed' did nothing: it must differ."""
+    finals = {}
+    for dpu in (False, True):
+        model = tiny_gpt()
+        plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"}, delayed_update=dpu)
+        tx = optim.adamw(1e-2)
+        state = fz.init(model, tx, plan, precision=fz.bf16())
+        step = fz.train_step(model, lm_loss, tx, plan)
+        for b in batches(3):
+            state, _ = step(state, b)
+        before = [t.clone() for t in state.params.values()]
+        fz.sync(state)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, state.params.values()))
+        assert changed == dpu  # only a delayed update still has parameters to copy in
+        finals[dpu] = fz.gather_params(state, plan)
+    assert any(not torch.equal(finals[False][k], finals[True][k]) for k in finals[False])
+
+
+def test_delayed_update_errors_name_the_problem():
+    with pytest.raises(ValueError, match="delayed_update=True needs placement opt_state='cpu'"):
+        fz.zero(2, delayed_update=True)
+    model = tiny_gpt()
+    plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"}, delayed_update=True)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.lion(1e-3))
+    state = fz.init(model, tx, plan, precision=fz.bf16())
+    with pytest.raises(ValueError, match="needs an optimizer whose update runs group by group"):
+        fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
+
+
+def test_a_failing_host_update_raises_in_the_caller(monkeypatch):
+    from funzero import ops
+
+    model = tiny_gpt()
+    plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"})
+    tx = optim.adamw(1e-2)
+    state = fz.init(model, tx, plan, precision=fz.bf16())
+
+    def boom(*a, **k):
+        raise OSError("injected")
+
+    monkeypatch.setattr(ops, "adamw_", boom)
+    with pytest.raises(RuntimeError, match="host optimizer update failed") as e:
+        fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
+    assert isinstance(e.value.__cause__, OSError)

@@ -136,6 +136,27 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new.append(last.fused_apply(grads, state[-1], master, **kw))
             return tuple(new)
 
+        def split(state):
+            # For an engine that applies the last transform group by group (the pipelined host
+            # update): the leading transforms as one whole-tree step where the gradients are, if
+            # none of them keeps tensors (those must run where their state lives).
+            inner = getattr(last.fused_apply, "split", None)
+            if inner is None or inner(state[-1]) is None or any(_has_tensors(s) for s in state[:-1]):
+                return None
+            if inner(state[-1])[0] is not None:
+                return None  # nested prefixes: not needed yet
+
+            def prefix(grads, master, info):
+                new = []
+                for t, s in zip(transforms[:-1], state[:-1]):
+                    grads, s = t.update(grads, s, master, info=info)
+                    new.append(s)
+                return grads, new
+
+            return prefix, last.fused_apply, state[-1], lambda new_prefix, new_last: (*new_prefix, new_last)
+
+        fused.split = split
+
     return GradientTransformation(init, update, fused)
 
 

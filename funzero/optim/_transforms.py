@@ -430,6 +430,10 @@ def adamw(
             ScaleByScheduleState(sched.count + advance),
         )
 
+    # Elementwise per buffer: an engine may call it group by group ({g: grad} at a time), with
+    # the same incoming state each time; the moments update in place, the counts come back
+    # advanced (fused_apply({}, state, {}) returns the new state alone).
+    fused_apply.split = lambda state: (None, fused_apply, state, lambda _, new: new)
     return GradientTransformation(inner.init, inner.update, fused_apply)
 
 

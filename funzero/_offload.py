@@ -1,0 +1,226 @@
+"""The host update, pipelined: gradients stream out, groups update on the CPU, parameters stream back.
+
+For optimizer state placed on the host (``placement={"opt_state": "cpu"}``). Per group, in the
+order backward produced them:
+
+    device stream  ... backward ─┐
+    D2H stream                   ├ grad g0 ─ grad g1 ─ grad g2 ─ ...            (pinned buffers)
+    worker thread                │    update g0 ── update g1 ── update g2 ...  (funzero.ops.adamw_, GIL released)
+    H2D stream                   │              param g0 ──── param g1 ── ...  (pinned staging)
+
+so the CPU update of group i overlaps the device-to-host copy of group i+1 and the host-to-device
+copy of group i-1. The host update is the bottleneck of an offloaded step (it is bound by host
+memory bandwidth); everything else hides behind it.
+
+With ``zero(..., delayed_update=True)`` (ZeRO-Offload's one-step delayed parameter update, off by
+default because it changes the numerics) the step does not wait for its own update: step t's
+update runs on the CPU while step t+1's forward and backward run on the device, and its new
+parameters are copied in at the end of step t+1's backward. Step t+1's gradient is therefore
+taken at the parameters from before step t's update. :func:`funzero.sync` (also called by
+``save_state`` and ``gather_params``) waits for the update still running.
+
+Footguns this file guards:
+
+* A buffer is never reused while a copy may still read or write it: each group's host-to-device
+  copy is recorded as an event that the next update of that group's staging buffer waits for;
+  a device gradient is kept alive for its copy with ``record_stream``; the next device-to-host
+  copy of a group starts only after the previous update of that group has read it.
+* Copies wait on an event recorded after backward, not on the whole device stream, so the
+  parameter copies (which the next forward waits for) cannot make the gradient copies wait too.
+* An exception in the worker is raised in the caller, at the next point that waits for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+import weakref
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["HostUpdater", "sync"]
+
+_UPDATERS: dict[int, "HostUpdater"] = {}
+
+
+def _threads() -> int:
+    """Threads for the host update: all cores but one (the thread that launches device work)."""
+    env = os.environ.get("FUNZERO_HOST_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, torch.get_num_threads() - 1)
+
+
+class _Job:
+    """One step's host update: a per-group 'done' flag the main thread waits on."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = order
+        self.done = {g: threading.Event() for g in order}
+        self.d2h: dict[str, torch.cuda.Event] = {}
+        self.error: BaseException | None = None
+
+    def wait(self, g: str) -> None:
+        self.done[g].wait()
+        if self.error is not None:
+            raise RuntimeError("the host optimizer update failed") from self.error
+
+    def wait_all(self) -> None:
+        for g in self.order:
+            self.wait(g)
+
+
+class HostUpdater:
+    """Pinned buffers, two copy streams and one worker thread for one binding's host update."""
+
+    def __init__(self, compute: torch.device) -> None:
+        self.cuda = compute.type == "cuda"
+        self.d2h = torch.cuda.Stream(compute) if self.cuda else None
+        self.h2d = torch.cuda.Stream(compute) if self.cuda else None
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="funzero-host-update")
+        self.threads = _threads()
+        self.grad_host: dict[str, torch.Tensor] = {}
+        self.stage: dict[str, torch.Tensor] = {}
+        self.h2d_done: dict[str, torch.cuda.Event] = {}
+        self.job: _Job | None = None  # a delayed update whose parameters are not copied in yet
+        self.job_params: dict[str, torch.Tensor] = {}
+        self.finish: Callable[[], None] | None = None  # after copying in (stages 1-2: all-gather)
+
+    @staticmethod
+    def of(binding, compute: torch.device) -> "HostUpdater":
+        key = id(binding)
+        up = _UPDATERS.get(key)
+        if up is None:
+            up = _UPDATERS[key] = HostUpdater(compute)
+            weakref.finalize(binding, _UPDATERS.pop, key, None)
+        return up
+
+    # --- buffers and copies ---------------------------------------------------------------------
+    def _pinned(self, cache: dict, g: str, like: torch.Tensor) -> torch.Tensor:
+        buf = cache.get(g)
+        if buf is None or buf.numel() != like.numel() or buf.dtype != like.dtype:
+            buf = cache[g] = torch.empty(like.numel(), dtype=like.dtype, pin_memory=self.cuda)
+        return buf
+
+    def _to_host(self, g: str, x: torch.Tensor, job: _Job) -> None:
+        buf = self._pinned(self.grad_host, g, x)
+        if not self.cuda or x.device.type != "cuda":
+            buf.copy_(x.reshape(-1))
+            return
+        with torch.cuda.stream(self.d2h):
+            buf.copy_(x.reshape(-1), non_blocking=True)
+            x.record_stream(self.d2h)
+            job.d2h[g] = self.d2h.record_event()
+
+    def _to_params(self, g: str, dst: torch.Tensor) -> None:
+        src = self.stage[g]
+        if src is dst:
+            return
+        if not self.cuda or dst.device.type != "cuda":
+            dst.view(-1).copy_(src)
+            return
+        with torch.cuda.stream(self.h2d):
+            dst.view(-1).copy_(src, non_blocking=True)
+            self.h2d_done[g] = self.h2d.record_event()
+
+    # --- the step -------------------------------------------------------------------------------
+    def run(
+        self,
+        grads: dict[str, torch.Tensor],
+        params: dict[str, torch.Tensor],
+        update: Callable[[str, torch.Tensor, torch.Tensor], None],
+        *,
+        delayed: bool,
+        finish: Callable[[], None] | None = None,
+    ) -> None:
+        """Update every group of ``grads`` on the host and refresh ``params`` from the result.
+
+        ``update(g, grad_on_host, param_out)`` updates group ``g``'s host state and writes its new
+        parameters (params' dtype) into ``param_out``. Without ``delayed`` the new parameters are
+        in ``params`` (for the device stream) when this returns; with it, the parameters of the
+        previous call's update are, and this call's update is still running. ``finish()`` runs
+        whenever new parameters have been copied in (here, and in :meth:`sync`).
+        """
+        order = list(grads)
+        if self.cuda:
+            after_backward = torch.cuda.current_stream().record_event()
+            self.d2h.wait_event(after_backward)
+            self.h2d.wait_event(after_backward)
+        prev, self.job = self.job, None
+        job = _Job(order)
+        for g in order:
+            if prev is not None and g in prev.done:
+                prev.wait(g)  # its update of g is done: grad_host[g] is free, stage[g] is new
+                self._to_params(g, self.job_params[g])
+            self._to_host(g, grads[g], job)
+            if g not in self.stage or self.stage[g].numel() != params[g].numel():
+                self.stage[g] = self._stage_for(params[g], delayed)
+        if prev is not None:
+            prev.wait_all()
+        grads = None  # the copies hold what they need (record_stream)
+        self.pool.submit(self._work, job, update)
+        if delayed:
+            self.job, self.job_params = job, dict(params)
+        else:
+            for g in order:
+                job.wait(g)
+                self._to_params(g, params[g])
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.h2d)
+        self.finish = finish
+        if finish is not None and (prev is not None or not delayed):
+            finish()
+
+    def _stage_for(self, param: torch.Tensor, delayed: bool) -> torch.Tensor:
+        # Host parameters (stage 3, params on the host) take the update directly, unless the
+        # update runs while the next forward reads them (delayed).
+        if param.device.type == "cpu" and not delayed and param.is_contiguous():
+            return param.view(-1)
+        return torch.empty(param.numel(), dtype=param.dtype, pin_memory=self.cuda)
+
+    def _work(self, job: _Job, update) -> None:
+        from funzero import ops
+
+        try:
+            with ops.host_threads(self.threads):
+                for g in job.order:
+                    ev = job.d2h.get(g)
+                    if ev is not None:
+                        ev.synchronize()  # the gradient has landed
+                    ev = self.h2d_done.get(g)
+                    if ev is not None:
+                        ev.synchronize()  # the last copy out of the staging buffer has finished
+                    update(g, self.grad_host[g], self.stage[g])
+                    job.done[g].set()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            job.error = e
+            for ev in job.done.values():
+                ev.set()
+
+    def sync(self) -> None:
+        """Finish a delayed update: wait for it and copy its parameters in."""
+        job, self.job = self.job, None
+        if job is None:
+            return
+        for g in job.order:
+            job.wait(g)
+            self._to_params(g, self.job_params[g])
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.h2d)
+        if self.finish is not None:
+            self.finish()
+
+
+def sync(state):
+    """Wait for work a step left running (the delayed host update); returns ``state``.
+
+    Needed only with ``zero(..., delayed_update=True)`` before reading ``state.master`` or
+    ``state.opt_state`` yourself; ``save_state`` and ``gather_params`` call it. A collective in
+    stages 1-2 on several ranks (the new parameter shards are all-gathered): call it on every rank.
+    """
+    up = _UPDATERS.get(id(state.binding))
+    if up is not None:
+        up.sync()
+    return state
