@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import threading
+import queue
 import weakref
 from collections.abc import Callable
 
@@ -54,22 +54,23 @@ def _threads() -> int:
 
 
 class _Job:
-    """One step's host update: a per-group 'done' flag the main thread waits on."""
+    """One step's host update: groups go in when their gradient copy is issued, come out updated."""
 
-    def __init__(self, order: list[str]) -> None:
-        self.order = order
-        self.done = {g: threading.Event() for g in order}
+    def __init__(self, groups: list[str]) -> None:
+        self.groups = groups
+        self.issued: set[str] = set()
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()  # gradient copy issued
+        self.done: queue.SimpleQueue = queue.SimpleQueue()  # updated, in completion order
         self.d2h: dict[str, torch.cuda.Event] = {}
         self.error: BaseException | None = None
 
-    def wait(self, g: str) -> None:
-        self.done[g].wait()
-        if self.error is not None:
-            raise RuntimeError("the host optimizer update failed") from self.error
-
-    def wait_all(self) -> None:
-        for g in self.order:
-            self.wait(g)
+    def completed(self):
+        """Each group once, as its update finishes (raises the worker's exception)."""
+        for _ in self.groups:
+            g = self.done.get()
+            if self.error is not None:
+                raise RuntimeError("the host optimizer update failed") from self.error
+            yield g
 
 
 class HostUpdater:
@@ -86,6 +87,7 @@ class HostUpdater:
         self.h2d_done: dict[str, torch.cuda.Event] = {}
         self.job: _Job | None = None  # a delayed update whose parameters are not copied in yet
         self.job_params: dict[str, torch.Tensor] = {}
+        self.live: _Job | None = None  # an update streaming from inside backward
         self.finish: Callable[[], None] | None = None  # after copying in (stages 1-2: all-gather)
 
     @staticmethod
@@ -126,6 +128,35 @@ class HostUpdater:
             self.h2d_done[g] = self.h2d.record_event()
 
     # --- the step -------------------------------------------------------------------------------
+    def _issue(self, job: _Job, g: str, grad: torch.Tensor, param: torch.Tensor, delayed: bool) -> None:
+        """Start group ``g``'s gradient copy and hand the group to the worker."""
+        if g not in self.stage or self.stage[g].numel() != param.numel():
+            self.stage[g] = self._stage_for(param, delayed)
+        self._to_host(g, grad, job)
+        job.issued.add(g)
+        job.ready.put(g)
+
+    def begin(self, groups: list[str], params: dict[str, torch.Tensor], update) -> Callable:
+        """Stream this step's update from inside backward (not with ``delayed``).
+
+        Returns ``hook(g, grad)`` to call as each group's gradient becomes final; :meth:`run`
+        then only copies the parameters back as groups finish.
+        """
+        job = self.live = _Job(list(groups))
+        self.pool.submit(self._work, job, update)
+
+        def hook(g: str, grad: torch.Tensor) -> None:
+            if self.cuda and grad.device.type == "cuda":
+                self.d2h.wait_stream(torch.cuda.current_stream(grad.device))  # backward's stream
+            self._issue(job, g, grad, params[g], False)
+
+        def abort() -> None:
+            self.live = None
+            job.ready.put(None)
+
+        hook.abort = abort
+        return hook
+
     def run(
         self,
         grads: dict[str, torch.Tensor],
@@ -143,34 +174,38 @@ class HostUpdater:
         previous call's update are, and this call's update is still running. ``finish()`` runs
         whenever new parameters have been copied in (here, and in :meth:`sync`).
         """
-        order = list(grads)
         if self.cuda:
             after_backward = torch.cuda.current_stream().record_event()
             self.d2h.wait_event(after_backward)
             self.h2d.wait_event(after_backward)
-        prev, self.job = self.job, None
-        job = _Job(order)
-        for g in order:
-            if prev is not None and g in prev.done:
-                prev.wait(g)  # its update of g is done: grad_host[g] is free, stage[g] is new
-                self._to_params(g, self.job_params[g])
-            self._to_host(g, grads[g], job)
-            if g not in self.stage or self.stage[g].numel() != params[g].numel():
-                self.stage[g] = self._stage_for(params[g], delayed)
-        if prev is not None:
-            prev.wait_all()
+        job, self.live = self.live, None
+        copied_in = not delayed  # new parameters land in params during this call
+        if job is not None:  # streamed from backward: copy out whatever backward did not
+            for g in grads:
+                if g not in job.issued:
+                    self._issue(job, g, grads[g], params[g], False)
+        else:
+            prev, self.job = self.job, None
+            job = _Job(list(grads))
+            if prev is not None:  # delayed: in the order the previous update finished groups
+                copied_in = True
+                for g in prev.completed():
+                    self._to_params(g, self.job_params[g])  # stage[g] holds its new params
+                    self._issue(job, g, grads[g], params[g], delayed)  # grad_host[g] is free again
+            else:
+                for g in grads:
+                    self._issue(job, g, grads[g], params[g], delayed)
+            self.pool.submit(self._work, job, update)
         grads = None  # the copies hold what they need (record_stream)
-        self.pool.submit(self._work, job, update)
         if delayed:
             self.job, self.job_params = job, dict(params)
         else:
-            for g in order:
-                job.wait(g)
+            for g in job.completed():
                 self._to_params(g, params[g])
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.h2d)
         self.finish = finish
-        if finish is not None and (prev is not None or not delayed):
+        if finish is not None and copied_in:
             finish()
 
     def _stage_for(self, param: torch.Tensor, delayed: bool) -> torch.Tensor:
@@ -185,7 +220,10 @@ class HostUpdater:
 
         try:
             with ops.host_threads(self.threads):
-                for g in job.order:
+                for _ in job.groups:
+                    g = job.ready.get()
+                    if g is None:  # the step failed before backward finished
+                        return
                     ev = job.d2h.get(g)
                     if ev is not None:
                         ev.synchronize()  # the gradient has landed
@@ -193,19 +231,18 @@ class HostUpdater:
                     if ev is not None:
                         ev.synchronize()  # the last copy out of the staging buffer has finished
                     update(g, self.grad_host[g], self.stage[g])
-                    job.done[g].set()
+                    job.done.put(g)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             job.error = e
-            for ev in job.done.values():
-                ev.set()
+            for _ in job.groups:
+                job.done.put(None)
 
     def sync(self) -> None:
         """Finish a delayed update: wait for it and copy its parameters in."""
         job, self.job = self.job, None
         if job is None:
             return
-        for g in job.order:
-            job.wait(g)
+        for g in job.completed():
             self._to_params(g, self.job_params[g])
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.h2d)

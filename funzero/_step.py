@@ -20,6 +20,7 @@ Design note:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -142,6 +143,10 @@ class _Engine:
                     full = a  # differentiate the param buffer itself
                 leaves.update(lay.unpack(full))
         model = self.model
+        hook = self.stream_hook(state)
+        if hook is not None:
+            for g, a in anchors.items():
+                a.register_hook(functools.partial(_stream_grad, hook, g))
 
         def apply(*args, **kwargs):
             return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
@@ -152,12 +157,17 @@ class _Engine:
             scaled = loss * loss_scale if loss_scale is not None else loss
             return loss, aux, torch.autograd.grad(scaled, list(anchors.values()))
 
-        if self.gathered:
-            regather = not torch.compiler.is_compiling()
-            with self.hooks.activate(anchors, state.params, regather=regather):
+        try:
+            if self.gathered:
+                regather = not torch.compiler.is_compiling()
+                with self.hooks.activate(anchors, state.params, regather=regather):
+                    loss, aux, grads = run()
+            else:
                 loss, aux, grads = run()
-        else:
-            loss, aux, grads = run()
+        except BaseException:
+            if hook is not None:
+                hook.abort()  # the worker stops waiting for gradients that will not come
+            raise
         return dict(zip(anchors, grads)), loss.detach(), aux
 
     # --- the update ----------------------------------------------------------------------------
@@ -286,6 +296,43 @@ class _Engine:
             )
         return parts
 
+    def group_update(self, state: TrainState, last, last_state, grad_scale, found_inf):
+        """``update(g, grad_on_host, param_out)``: one group's host update (run by the worker)."""
+        master, info = state.master, self.info(state.binding)
+
+        def update(g: str, grad: torch.Tensor, out: torch.Tensor) -> None:
+            last({g: grad}, last_state, {g: master[g]}, param_out={g: out},
+                 grad_scale=grad_scale, found_inf=found_inf, info=info)
+
+        return update
+
+    def stream_hook(self, state: TrainState):
+        """``hook(g, grad)`` that starts group g's host update from inside backward, or None.
+
+        Eager steps only (a compiled backward is one graph), and only where a group's gradient is
+        final when backward produces it and the update needs nothing global: no clipping prefix,
+        no fp16 overflow check, no accumulation, not stage 1 on several ranks (it reduces after
+        backward), not the delayed update (it waits for the previous one first).
+        """
+        p = self.plan
+        if (
+            torch.compiler.is_compiling()
+            or p.delayed_update
+            or self.multi is not None
+            or state.binding.precision.loss_scaling is not None
+            or (p.num_shards > 1 and not p.reduce_in_backward)
+        ):
+            return None
+        parts = self.split(state, state.opt_state)
+        if parts is None or parts[0] is not None:
+            return None
+        from funzero._offload import HostUpdater
+
+        b = state.binding
+        params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
+        update = self.group_update(state, parts[1], parts[2], None, None)
+        return HostUpdater.of(b, b.placement.compute).begin(list(b.layouts), params_own, update)
+
     @torch.compiler.disable
     def host_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf, parts):
         """The update of host-placed optimizer state, pipelined per group (``_offload.py``)."""
@@ -300,12 +347,8 @@ class _Engine:
         # The host reads these anyway: one sync, with fp16 loss scaling only.
         grad_scale = None if grad_scale is None else grad_scale.to("cpu")
         found_inf = None if found_inf is None else found_inf.to("cpu")
+        update = self.group_update(state, last, last_state, grad_scale, found_inf)
         params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
-
-        def update(g: str, grad: torch.Tensor, out: torch.Tensor) -> None:
-            last({g: grad}, last_state, {g: master[g]}, param_out={g: out},
-                 grad_scale=grad_scale, found_inf=found_inf, info=info)
-
         # The new optimizer state (counts advanced; moments are updated in place, group by group).
         new_opt = join(new_prefix, last({}, last_state, {}, found_inf=found_inf, info=info))
         finish = None
@@ -447,6 +490,10 @@ def _nvme_commit(store, pending, master, opt_state):
 
     master = None if master is None else {g: swap(t) for g, t in master.items()}
     return master, None if opt_state is None else optree.tree_map(swap, opt_state, namespace="funzero")
+
+
+def _stream_grad(hook, g: str, grad: torch.Tensor) -> None:
+    hook(g, grad)  # returns None: the gradient itself is unchanged
 
 
 def _with_aux(metrics: dict, aux: Any) -> dict:

@@ -228,3 +228,46 @@ def test_a_failing_host_update_raises_in_the_caller(monkeypatch):
     with pytest.raises(RuntimeError, match="host optimizer update failed") as e:
         fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
     assert isinstance(e.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_gradients_leave_during_backward_when_nothing_global_is_needed(monkeypatch, clip):
+    from funzero._offload import HostUpdater
+
+    inside = []
+    real = HostUpdater._issue
+
+    def spy(self, job, g, *a, **k):
+        inside.append(torch._C._current_graph_task_id() != -1)  # -1: not in a backward pass
+        return real(self, job, g, *a, **k)
+
+    monkeypatch.setattr(HostUpdater, "_issue", spy)
+    model = tiny_gpt()
+    plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"})
+    tx = _tx("bf16+clip" if clip else "bf16")
+    state = fz.init(model, tx, plan, precision=fz.bf16())
+    step = fz.train_step(model, lm_loss, tx, plan)
+    state, _ = step(state, batches(1)[0])
+    n = len(state.binding.layouts)
+    # Every group streams from inside backward, unless a global clip norm must come first.
+    assert inside == [not clip] * n
+
+
+def test_a_step_that_fails_in_forward_leaves_the_next_step_working():
+    model = tiny_gpt()
+    plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"})
+    tx = optim.adamw(1e-2)
+    state = fz.init(model, tx, plan, precision=fz.bf16())
+    calls = [0]
+
+    def flaky(apply, batch):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise ValueError("bad batch")
+        return lm_loss(apply, batch)
+
+    step = fz.train_step(model, flaky, tx, plan)
+    with pytest.raises(ValueError, match="bad batch"):
+        step(state, batches(1)[0])
+    state, m = step(state, batches(1)[0])
+    assert torch.isfinite(m["loss"]) and int(state.step) == 1
