@@ -58,7 +58,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = _NoTriton()
     tl = _NoTritonLanguage()
 
-__all__ = ["backend", "get_backend", "use_triton", "INTERPRET", "HAS_TRITON", "triton", "tl"]
+__all__ = ["backend", "get_backend", "use_triton", "direct_call", "sum_partials", "INTERPRET", "HAS_TRITON", "triton",
+           "tl"]
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -140,6 +141,26 @@ def use_triton(t: torch.Tensor) -> bool:
     return False
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call(*tensors) -> bool:
+    """Whether an op may run its launchers through a plain ``autograd.Function``.
+
+    The ``torch.library`` custom op around a kernel costs host time on every
+    call (Python dispatch, aliasing checks, its generic autograd wrapper:
+    ~180 us per forward+backward of a norm on the H100 machine, more than the
+    kernels take on the GPU). Eager calls on plain tensors skip it; tracing
+    (torch.compile, export, FakeTensor or any dispatch mode, functorch
+    transforms) and tensor subclasses go through the custom op, whose fake
+    implementation and registered autograd those need.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -150,11 +171,6 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 2  # the interpreter runs programs one after another; a few keep the loops honest
-
-
-def configs(candidates: list) -> list:
-    """Autotune candidates, collapsed to the first one under the interpreter."""
-    return candidates[:1] if INTERPRET else candidates
 
 
 def next_pow2(n: int) -> int:
@@ -179,3 +195,43 @@ def cast_to(x, dtype: tl.constexpr):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # part: (R, P, N) fp32 contiguous, R <= 2; out0, out1: (N,) each; grid (cdiv(N, BLOCK_N), R)
+    r = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    base = part_ptr + r.to(tl.int64) * P * N
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        acc += tl.load(base + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if r == 0:
+        tl.store(out0_ptr + cols, cast_to(total, out0_ptr.dtype.element_ty), mask=col_mask)
+    else:
+        tl.store(out1_ptr + cols, cast_to(total, out1_ptr.dtype.element_ty), mask=col_mask)
+
+
+def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """(R, P, N) fp32 per-program partial sums, R <= 2 -> R separate (N,) tensors in ``dtype``, one launch.
+
+    Replaces ``part[r].sum(0).to(dtype)`` per r (two launches each; torch's
+    dim-0 reduction of a few hundred rows took ~15 us on an H100, where this
+    reads the rows straight from L2). Sums in a fixed order: deterministic.
+    Separate outputs, not views of one: custom ops may not return aliases.
+    """
+    R, P, N = part.shape
+    assert R in (1, 2), R
+    outs = tuple(part.new_empty((N,), dtype=dtype) for _ in range(R))
+    if N:
+        # GPU: one 32-byte sector of up to 512 partial rows per load, ~400 programs for D = 1600:
+        # latency-bound, so many loads in flight (H100, 2 x 264 x 1600: 12 us at 64 x 32, 8 at 512 x 8)
+        block_n = min(next_pow2(N), 1024) if INTERPRET else 8
+        block_p = min(next_pow2(P), 1024 if INTERPRET else 512)
+        _sum_partials_kernel[(cdiv(N, block_n), R)](part, outs[0], outs[-1], P, N, BLOCK_P=block_p, BLOCK_N=block_n,
+                                                     num_warps=4)
+    return outs

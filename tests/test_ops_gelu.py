@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import funzero.ops as fo  # noqa: E402
 from funzero.ops import _dispatch  # noqa: E402
@@ -93,3 +94,36 @@ def test_bias_gelu_torch_compile_fullgraph():
 def test_bias_gelu_validation():
     with pytest.raises(ValueError, match="bias must have shape"):
         fo.bias_gelu(torch.randn(3, 4), torch.randn(3))
+
+
+def test_bias_gelu_zero_rows():
+    for shape in ((0, 8), (2, 0, 8)):
+        x = torch.empty(shape, requires_grad=True)
+        b = torch.randn(8, requires_grad=True)
+        with fo.backend("triton"):
+            y, dx, db = _run(fo.bias_gelu, x, b, torch.empty(shape))
+        assert y.shape == shape and dx.shape == shape and torch.equal(db, torch.zeros(8))
+
+
+def test_bias_gelu_eager_fast_path_matches_custom_op():
+    """Eager calls skip the custom-op dispatcher; under a dispatch mode (as under tracing) the custom
+    op runs instead, bit-identically."""
+
+    class Recorder(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 300) * 3).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(300).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(3, 5, 300).to(torch.bfloat16)
+    with fo.backend("triton"):
+        got = _run(fo.bias_gelu, x, b, dy)
+        with Recorder():
+            got_op = _run(fo.bias_gelu, x, b, dy)
+    assert "funzero.bias_gelu_fwd.default" in Recorder.ops and "funzero.bias_gelu_bwd.default" in Recorder.ops
+    for g, g_op in zip(got, got_op):
+        assert torch.equal(g, g_op)

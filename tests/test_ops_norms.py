@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import funzero.ops as fo  # noqa: E402
 from funzero.ops import _dispatch, _norms  # noqa: E402
@@ -81,7 +82,7 @@ def test_norm_backward_partial_sums_cover_all_rows():
     x, w, b, dy = _inputs((300, 129), torch.float32, bias=True)
     block_m, _ = _norms._tile_shape(300, 129)
     num_tiles = -(-300 // block_m)
-    assert 300 % block_m and num_tiles > 4 * _dispatch.num_sms(x.device)  # ragged last tile, > 1 tile/program
+    assert 300 % block_m and num_tiles > _norms._PROGRAMS_PER_SM * _dispatch.num_sms(x.device)  # ragged, > 1 tile/program
     with fo.backend("triton"):
         _, grads = _run(fo.layer_norm, x, w, b, dy)
     _, grads_ref = _run(fo.reference.layer_norm, x, w, b, dy)
@@ -125,3 +126,41 @@ def test_norm_torch_compile_fullgraph():
     _close(loss.detach(), loss_eager.detach(), 1e-5)
     for g, g_ref in zip(grads, grads_eager):
         _close(g, g_ref, 1e-5)
+
+
+def test_norm_zero_rows():
+    for shape in ((0, 8), (2, 0, 8)):
+        x, w, b, dy = _inputs(shape, torch.float32, bias=True)
+        with fo.backend("triton"):
+            y, grads = _run(fo.layer_norm, x, w, b, dy)
+        assert y.shape == shape and grads[0].shape == shape
+        assert torch.equal(grads[1], torch.zeros(8)) and torch.equal(grads[2], torch.zeros(8))
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_eager_fast_path_matches_custom_op(kind):
+    """Eager calls skip the custom-op dispatcher (``direct_call``); under any dispatch mode (as under
+    tracing) the custom op runs instead, with bit-identical values and gradients."""
+    x, w, b, dy = _inputs((5, 3, 40), torch.bfloat16, bias=kind == "layer")
+    op = fo.layer_norm if kind == "layer" else (lambda x, w: fo.rms_norm(x, w))
+    assert _dispatch.direct_call(x, w, b)
+    with fo.backend("triton"):
+        y, grads = _run(op, x, w, b, dy)
+        recorder = _Recorder()
+        with recorder:
+            assert not _dispatch.direct_call(x, w, b)
+            y_op, grads_op = _run(op, x, w, b, dy)
+    assert "funzero.norm_fwd.default" in recorder.ops and "funzero.norm_bwd.default" in recorder.ops
+    assert torch.equal(y, y_op)
+    for g, g_op in zip(grads, grads_op):
+        assert torch.equal(g, g_op)
