@@ -77,6 +77,7 @@ class _Engine:
         self.inner = tx.inner if self.multi is not None else tx
         self.hooks: Stage3Hooks | None = None
         self.binding = None
+        self.swaps: dict[int, torch.Tensor] = {}  # NVMe leaves renamed by this step's host update
 
     def prepare(self, state: TrainState) -> None:
         if self.binding is not state.binding:
@@ -280,8 +281,8 @@ class _Engine:
         fa = self.inner.fused_apply
         parts = getattr(fa, "split", None)
         ok = (
-            pl.kind("opt_state") == "cpu"
-            and pl.store is None
+            pl.kind("opt_state") in ("cpu", "nvme")
+            and pl.kind("params") != "nvme"
             and state.master is not None
             and all(t.dtype == torch.float32 for t in state.master.values())
             and parts is not None
@@ -297,12 +298,47 @@ class _Engine:
         return parts
 
     def group_update(self, state: TrainState, last, last_state, grad_scale, found_inf):
-        """``update(g, grad_on_host, param_out)``: one group's host update (run by the worker)."""
+        """``update(g, grad_on_host, param_out)``: one group's host update (run by the worker).
+
+        NVMe state: the group's files are copied, the copies updated and renamed over the files
+        (a crash leaves the previous state whole); the renamed leaves are recorded in
+        ``self.swaps`` (``id(old leaf) -> new leaf``) for the step to put into the new state. The
+        next group's files are advised for read-ahead while this one updates.
+        """
         master, info = state.master, self.info(state.binding)
+        store = state.binding.placement.store
+        if store is None:
+
+            def update(g: str, grad: torch.Tensor, out: torch.Tensor) -> None:
+                last({g: grad}, last_state, {g: master[g]}, param_out={g: out},
+                     grad_scale=grad_scale, found_inf=found_inf, info=info)
+
+            return update
+
+        order = list(reversed(state.binding.layouts))  # the order backward produces groups
+        swaps = self.swaps
+
+        def files_of(g: str, tree) -> list:
+            paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace="funzero")
+            return [(path, t) for path, t in zip(paths, leaves)
+                    if isinstance(t, torch.Tensor) and t.dim() > 0 and g in path and store.is_file_backed(t)]
 
         def update(g: str, grad: torch.Tensor, out: torch.Tensor) -> None:
-            last({g: grad}, last_state, {g: master[g]}, param_out={g: out},
+            nxt = order[(order.index(g) + 1) % len(order)]
+            for _, t in files_of(nxt, (master, last_state)):
+                store.prefetch(t)
+            pending = {}
+            for _, t in files_of(g, (master, last_state)):
+                pending[id(t)] = (t, *store.begin_update(t))
+
+            def mine(t):
+                return pending[id(t)][1] if isinstance(t, torch.Tensor) and id(t) in pending else t
+
+            st = optree.tree_map(mine, last_state, namespace="funzero")
+            last({g: grad}, st, {g: mine(master[g])}, param_out={g: out},
                  grad_scale=grad_scale, found_inf=found_inf, info=info)
+            for old, copy, tmp, path in pending.values():
+                swaps[id(old)] = store.commit(copy, tmp, path)
 
         return update
 
@@ -360,6 +396,14 @@ class _Engine:
                     all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
 
         HostUpdater.of(b, b.placement.compute).run(grads, params_own, update, delayed=p.delayed_update, finish=finish)
+        if self.swaps:  # NVMe: the new state maps the renamed files
+            swaps, self.swaps = self.swaps, {}
+
+            def swap(t):
+                return swaps.get(id(t), t) if isinstance(t, torch.Tensor) else t
+
+            master = {g: swap(t) for g, t in master.items()}
+            new_opt = optree.tree_map(swap, new_opt, namespace="funzero")
         return new_opt, master, state.params
 
     def nonfinite(self, grads: dict) -> torch.Tensor:

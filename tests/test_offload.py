@@ -52,6 +52,10 @@ def _train(rank, world, tmpdir, cases, steps):
             tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1, mask=r"weight$"))
             state = fz.init(model, tx, plan, precision=fz.bf16())
             step = fz.train_step(model, lm_loss, tx, plan)
+            # Host state takes the pipelined update (_offload.py), NVMe files included, except
+            # when the parameters themselves are files (stage 3, params on NVMe).
+            pipelined = bool(pl) and not str(pl.get("params", "")).startswith("nvme")
+            assert step.engine.pipelined(state) == pipelined, (stage, pl)
             misplaced = [_check_placed(state, pl)]
             for b in batches(steps):
                 state, _ = step(state, b)
