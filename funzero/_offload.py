@@ -118,7 +118,7 @@ class HostUpdater:
 
     def _to_params(self, g: str, dst: torch.Tensor) -> None:
         src = self.stage[g]
-        if src is dst:
+        if src.data_ptr() == dst.data_ptr():  # host params updated in place (exact, stage 3)
             return
         if not self.cuda or dst.device.type != "cuda":
             dst.view(-1).copy_(src)
