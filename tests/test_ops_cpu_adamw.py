@@ -15,7 +15,11 @@ from tests.test_ops_adamw import _run_torch_optim as _torch_optim
 
 from tests.test_ops_adamw import ATOL, HP, RTOL
 
-pytestmark = pytest.mark.skipif(not _cpu_adamw.available(), reason="no C compiler on this machine")
+
+
+def test_the_host_kernel_builds_here():
+    # CI has a C compiler (inductor needs one too); without it the torch reference would serve.
+    assert _cpu_adamw.available()
 
 
 def test_the_c_kernel_is_what_auto_runs_on_cpu(monkeypatch):
