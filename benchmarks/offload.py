@@ -127,6 +127,32 @@ def host_adam(n: int, reps: int = 5) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Bar chart of tokens/s per system, GPU peak memory annotated (skipped without matplotlib)."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = [r["system"] for r in ok]
+    bars = ax.barh(names, [r["tokens_per_s"] for r in ok], color=["#888" if n.startswith("ds") else "#2a6" for n in names])
+    for b, r in zip(bars, ok):
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.1f} GiB",
+                va="center", fontsize=8)
+    ax.set_xlabel("tokens/s (higher is better)")
+    ax.set_title(f"optimizer state on the host, {ok[0]['params'] / 1e9:.2f}B params, B={ok[0]['batch']}", fontsize=9)
+    ax.set_xlim(0, max(r["tokens_per_s"] for r in ok) * 1.45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--systems", default="fz2-compile-offload,fz2-compile-offload-dpu,fz2-eager-offload,ds-zero2-offload")
@@ -189,6 +215,7 @@ def main(argv=None):
                 print(f"{r['system']:>42}  ERROR {r['error'][:80]}")
             else:
                 print(f"{r['system']:>42} {r['threads']:>8} {r['ms']:8.1f} {r['gparams_per_s']:9.2f}")
+    plot(rows, os.path.join(args.out, "offload.png"))
     head = f"{'system':>26} {'params':>8} {'ms/step':>9} {'tok/s':>8} {'GPU GiB':>8} {'host GiB':>9} {'loss0':>7} {'lossN':>7}"
     print(head)
     for r in rows:

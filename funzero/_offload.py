@@ -1,7 +1,7 @@
 """The host update, pipelined: gradients stream out, groups update on the CPU, parameters stream back.
 
-For optimizer state placed on the host (``placement={"opt_state": "cpu"}``). Per group, in the
-order backward produced them:
+For optimizer state placed on the host (``placement={"opt_state": "cpu"}``, or NVMe files, which
+the update copies, updates and renames per group). Per group, in the order backward produced them:
 
     device stream  ... backward ─┐
     D2H stream                   ├ grad g0 ─ grad g1 ─ grad g2 ─ ...            (pinned buffers)

@@ -256,10 +256,14 @@ class _Engine:
             if pl.kind("params") == "nvme":
                 new_params, _ = _nvme_commit(store, pending_params, params_own, None)
         if p.opt_sharded and not p.params_sharded and p.num_shards > 1:
-            # Stages 1-2 hold full params: every rank gathers the updated shards, in place.
-            for g, full in state.params.items():
-                all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
+            self.gather_updated(b, state.params)
         return new_opt, master, new_params
+
+    def gather_updated(self, b, params: dict) -> None:
+        """Stages 1-2 hold full params: every rank gathers the updated shards, in place."""
+        p = self.plan
+        for g, full in params.items():
+            all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
 
     def info(self, b) -> ShardInfo:
         p, pl = self.plan, b.placement
@@ -272,7 +276,8 @@ class _Engine:
 
     def pipelined(self, state: TrainState) -> bool:
         """Whether the update takes the pipelined host path (``_offload.py``): optimizer state in
-        host memory (not files), an fp32 master, and an optimizer with a fused per-group update."""
+        host memory or NVMe files (parameters not in files), an fp32 master, and an optimizer
+        whose update runs group by group."""
         return self.split(state, state.opt_state if self.multi is None else state.opt_state.inner_state) is not None
 
     def split(self, state: TrainState, opt_state: Any):
@@ -389,12 +394,7 @@ class _Engine:
         new_opt = join(new_prefix, last({}, last_state, {}, found_inf=found_inf, info=info))
         finish = None
         if p.opt_sharded and not p.params_sharded and p.num_shards > 1:
-            full_params = dict(state.params)
-
-            def finish() -> None:  # stages 1-2: every rank gathers the updated shards, in place
-                for g, full in full_params.items():
-                    all_gather(b.layouts[g].shard(full, b.rank), p.mesh, p.axis, tag="param", out=full)
-
+            finish = functools.partial(self.gather_updated, b, dict(state.params))
         HostUpdater.of(b, b.placement.compute).run(grads, params_own, update, delayed=p.delayed_update, finish=finish)
         if self.swaps:  # NVMe: the new state maps the renamed files
             swaps, self.swaps = self.swaps, {}

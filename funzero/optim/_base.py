@@ -141,10 +141,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             # update): the leading transforms as one whole-tree step where the gradients are, if
             # none of them keeps tensors (those must run where their state lives).
             inner = getattr(last.fused_apply, "split", None)
-            if inner is None or inner(state[-1]) is None or any(_has_tensors(s) for s in state[:-1]):
-                return None
-            if inner(state[-1])[0] is not None:
-                return None  # nested prefixes: not needed yet
+            parts = None if inner is None else inner(state[-1])
+            if parts is None or parts[0] is not None or any(_has_tensors(s) for s in state[:-1]):
+                return None  # no per-group update, a nested prefix, or a leading state to keep
 
             def prefix(grads, master, info):
                 new = []
