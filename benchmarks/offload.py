@@ -3,6 +3,7 @@
     python benchmarks/offload.py                       # GPT-2 1.5B, B=8, T=1024, bf16
     python benchmarks/offload.py --largest              # also: a ~6B GPT, 10 steps, CPU offload
     python benchmarks/offload.py --nvme /local/scratch  # also: GPT-2 1.5B with NVMe-backed state
+                                                       #   (--nvme-model gpt2-medium: 350M)
 
 Same method as ``train_step.py`` (same model, data, optimizer hyperparameters; CUDA events around
 the timed steps). Peers in this run:
@@ -10,6 +11,9 @@ the timed steps). Peers in this run:
                      its DeepSpeedCPUAdam (JIT-built here), bf16
   fz2-eager-offload  funzero stage 2, ``placement={"opt_state": "cpu"}``, eager step
   fz2-compile-offload  the same step under torch.compile
+  ...-gpuK           leaf-path placement rules: the optimizer state of the embeddings and of
+                     blocks 0..K-1 stays on the GPU (their gradients arrive last in backward),
+                     the rest on the host (DeepSpeed's partial offload, "Offload++", as rules)
   ...-dpu            with ZeRO-Offload's one-step delayed parameter update (``delayed_update=True``;
                      changes the numerics, so its loss is not comparable step for step)
   --adam             host AdamW alone, Gparam/s: DeepSpeedCPUAdam (fp32 grads), torch fused
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -43,6 +48,14 @@ def rss_gib() -> float:
     return float("nan")
 
 
+def gpu_share(k: int) -> list[tuple[str, str]]:
+    """Leaf-path rules: the optimizer state of blocks 0..k-1 and of the embeddings/final norm stays
+    on the GPU, the other blocks' goes to the host. Backward produces those groups' gradients
+    last, so their (fast) device update shortens the tail the host would otherwise add."""
+    rules = [(r"^blocks\.(" + "|".join(map(str, range(k))) + r")\.", "device")] if k else []
+    return rules + [(r"^blocks\.", "cpu"), ("", "device")]
+
+
 def run(system, cfg, batch, args, device, placement=None):
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (args.steps, batch, args.seq + 1), generator=g).to(device)
@@ -53,8 +66,12 @@ def run(system, cfg, batch, args, device, placement=None):
         step = ts.deepspeed_system(cfg, data, device, 2, batch, offload=True)
     else:
         stage = int(system[2])
+        placement = placement or {"opt_state": "cpu"}
+        share = re.search(r"-gpu(\d+)", system)
+        if share:
+            placement = {"opt_state": gpu_share(int(share.group(1)))}
         step = ts.funzero_system(cfg, data, device, stage, compiled="compile" in system,
-                                 placement=placement or {"opt_state": "cpu"}, delayed_update=system.endswith("-dpu"))
+                                 placement=placement, delayed_update="-dpu" in system)
     losses = []
     warm = args.steps - args.timed
     for i in range(warm):
@@ -163,7 +180,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--largest", action="store_true", help="also train a ~6B GPT for 10 steps with CPU offload")
     p.add_argument("--largest-layers", type=int, default=29)
-    p.add_argument("--nvme", default="", help="directory for an NVMe-offload run of GPT-2 1.5B")
+    p.add_argument("--nvme", default="", help="directory for an NVMe-offload run")
+    p.add_argument("--nvme-model", default="gpt2-xl", help="GPT-2 preset of the NVMe run (gpt2-medium: 350M)")
+    p.add_argument("--nvme-batch", type=int, default=8)
     p.add_argument("--out", default=os.environ.get("OUT") or "runs")
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -189,7 +208,8 @@ def main(argv=None):
         ts.cleanup()
     jobs = [(s, cfg, args.batch, None) for s in args.systems.split(",") if s]
     if args.nvme:
-        jobs.append(("fz2-eager-nvme", cfg, args.batch, {"opt_state": f"nvme:{args.nvme}"}))
+        nv = ts.gpt_config(args.nvme_model, block_size=args.seq)
+        jobs.append(("fz2-eager-nvme", nv, args.nvme_batch, {"opt_state": f"nvme:{args.nvme}"}))
     if args.largest:
         big = GPTConfig(block_size=args.seq, n_layer=args.largest_layers, n_head=32, n_embd=4096)
         jobs.append(("fz2-eager-offload-largest", big, 4, {"opt_state": "cpu"}))

@@ -243,15 +243,45 @@ def _optimizer(tx: Any):
     raise ValueError(f"optimizer must be a GradientTransformation or one of {sorted(named)}, got {tx!r}")
 
 
-def _normalise_placement(placement: Mapping[str, str] | None, stage: int) -> dict[str, str]:
+def _normalise_placement(
+    placement: Mapping | None, stage: int, layouts: Mapping[str, FlatLayout] | None = None
+) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """``(where, shares)``: each part's place (``gpu``, ``cpu``, ``nvme``, or ``mixed`` under
+    leaf-path rules) and the share of its elements in each place (by group shard sizes)."""
     out = {"params": "gpu", "opt_state": "gpu"}
+    shares: dict[str, dict[str, float]] = {k: {"gpu": 1.0} for k in _OFFLOAD_KEYS}
     for key, where in dict(placement or {}).items():
         if key not in _OFFLOAD_KEYS:
             raise ValueError(f"placement key {key!r} is not one of {_OFFLOAD_KEYS}")
-        kind = str(where).split(":", 1)[0].lower()
-        if kind not in _WHERE:
-            raise ValueError(f"placement[{key!r}] = {where!r}: expected gpu (cuda), cpu or nvme[:<dir>]")
-        out[key] = _WHERE[kind]
+        if isinstance(where, str):
+            per_group = None
+            targets = [where]
+        else:  # leaf-path rules: resolved against the groups (a model or binding is needed)
+            if not layouts or not any(lay.paths for lay in layouts.values()):
+                raise ValueError(
+                    f"placement[{key!r}] is a list of leaf-path rules: estimate it for a model or a "
+                    "state's binding, not a bare parameter count"
+                )
+            from funzero._placement import _resolve_groups
+
+            per_group = _resolve_groups(key, where, layouts)
+            targets = sorted(set(per_group.values()))
+        kinds = {}
+        for w in targets:
+            kind = str(w).split(":", 1)[0].lower()
+            if kind not in _WHERE:
+                raise ValueError(f"placement[{key!r}] = {w!r}: expected gpu (cuda), cpu or nvme[:<dir>]")
+            kinds[w] = _WHERE[kind]
+        if per_group is None:
+            out[key] = kinds[where]
+            shares[key] = {kinds[where]: 1.0}
+        else:
+            total = sum(lay.shard_numel for lay in layouts.values())
+            sh: dict[str, float] = {}
+            for g, w in per_group.items():
+                sh[kinds[w]] = sh.get(kinds[w], 0.0) + layouts[g].shard_numel / total
+            shares[key] = sh
+            out[key] = next(iter(sh)) if len(sh) == 1 else "mixed"
     if out["params"] != "gpu" and stage != 3:
         raise ValueError(
             f"placement params={out['params']!r} needs stage 3 (got stage {stage}): stages 0-2 keep "
@@ -262,7 +292,7 @@ def _normalise_placement(placement: Mapping[str, str] | None, stage: int) -> dic
             f"placement opt_state={out['opt_state']!r} needs stage >= 1: offloading the optimizer "
             "streams each rank's optimizer shard, and stage 0 has none"
         )
-    return out
+    return out, shares
 
 
 # --- the estimate -----------------------------------------------------------------------------
@@ -569,7 +599,7 @@ def estimate_memory(
             )
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch=}")
-    where = _normalise_placement(placement, stage)
+    where, shares = _normalise_placement(placement, stage, layouts)
     tx = _optimizer(tx)
     n = num_shards
 
@@ -601,30 +631,35 @@ def estimate_memory(
     # on the host, the update first copies them all to it. An update of host state with the
     # params on the device writes the new params into a pinned staging copy first. NVMe leaves
     # are updated in copies renamed over the originals, so a step needs twice their bytes on disk.
+    # Under leaf-path rules each place holds its share of the elements (``shares``); 0-d leaves
+    # (counts) are in host memory when any group is.
     gpu = state["scaler"] + state["step"]
     cpu = nvme = 0
     staging = {"gpu": 0, "cpu": 0}
     placed = {"params": state["params"], "opt_state": state["master"] + state["opt_state"] - acc_bytes}
     gpu += acc_bytes
     for key, nbytes in placed.items():
-        if where[key] == "gpu":
-            gpu += nbytes
-        elif where[key] == "cpu":
-            cpu += nbytes
-        else:
-            scalars = opt_scalars if key == "opt_state" else 0
+        sh = shares[key]
+        scalars = opt_scalars if key == "opt_state" else 0
+        if sh.get("gpu", 0.0) < 1.0:
             cpu += scalars
-            nvme += 2 * (nbytes - scalars)
+        else:
+            gpu += scalars
+        body = nbytes - scalars
+        gpu += round(body * sh.get("gpu", 0.0))
+        cpu += round(body * sh.get("cpu", 0.0))
+        nvme += 2 * round(body * sh.get("nvme", 0.0))
     if where["params"] != "gpu":
         staging["gpu"] += shards[0] * pb  # a shard copied host -> device, then gathered
-    if where["opt_state"] != "gpu":
+    host_opt = 1.0 - shares["opt_state"].get("gpu", 0.0)
+    if host_opt > 0:
         if stage == 1:  # reduced (to shards, in reduce_dtype) after backward, then copied
             rd = precision.reduce_dtype or precision.param_dtype
-            staging["cpu"] += sum(shards) * torch.empty((), dtype=rd).element_size()
+            staging["cpu"] += round(sum(shards) * torch.empty((), dtype=rd).element_size() * host_opt)
         else:
-            staging["cpu"] += grads
-        if where["params"] == "gpu" and precision.has_master:
-            staging["cpu"] += sum(shards) * pb
+            staging["cpu"] += round(grads * host_opt)
+        if precision.has_master:
+            staging["cpu"] += round(sum(shards) * pb * host_opt * shares["params"].get("gpu", 0.0))
     cpu += staging["cpu"]
     gpu_state = gpu
     act = activations.peak if activations is not None else 0

@@ -145,7 +145,11 @@ class HostUpdater:
         job = self.live = _Job(list(groups))
         self.pool.submit(self._work, job, update)
 
+        hosted = set(groups)
+
         def hook(g: str, grad: torch.Tensor) -> None:
+            if g not in hosted:  # its state is on the device: it updates after backward
+                return
             if self.cuda and grad.device.type == "cuda":
                 self.d2h.wait_stream(torch.cuda.current_stream(grad.device))  # backward's stream
             self._issue(job, g, grad, params[g], False)
@@ -165,6 +169,7 @@ class HostUpdater:
         *,
         delayed: bool,
         finish: Callable[[], None] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> None:
         """Update every group of ``grads`` on the host and refresh ``params`` from the result.
 
@@ -173,6 +178,8 @@ class HostUpdater:
         in ``params`` (for the device stream) when this returns; with it, the parameters of the
         previous call's update are, and this call's update is still running. ``finish()`` runs
         whenever new parameters have been copied in (here, and in :meth:`sync`).
+        ``meanwhile()`` runs once the gradient copies are issued, before waiting for the host: the
+        update of groups whose state is on the device (never delayed).
         """
         if self.cuda:
             after_backward = torch.cuda.current_stream().record_event()
@@ -197,6 +204,8 @@ class HostUpdater:
                     self._issue(job, g, grads[g], params[g], delayed)
             self.pool.submit(self._work, job, update)
         grads = None  # the copies hold what they need (record_stream)
+        if meanwhile is not None:
+            meanwhile()
         if delayed:
             self.job, self.job_params = job, dict(params)
         else:

@@ -23,7 +23,8 @@ class Plan:
         mesh: the ranks; ``axis`` is the data-parallel axis that shards are split over.
         groups: group rules (see ``shardspec.assign_groups``); ``rest`` names the group of the
             leaves no rule matches (``None``: such a leaf is an error).
-        placement: where state leaves live (``{"opt_state": "cpu"}``); see ``funzero._placement``.
+        placement: where state leaves live (``{"opt_state": "cpu"}``, or leaf-path rules); see
+            ``funzero._placement``.
         batch: ``"global"``: the step receives the global batch and takes this rank's slice of
             dim 0 (JAX's global-array view; the default), ``"local"``: it receives its own slice.
     """
@@ -117,7 +118,9 @@ def zero(
         mesh: the ranks (default: ``Mesh.from_env((axis,))``).
         groups: rules grouping leaves into gather/reduce units, e.g. ``[r"blocks\\.(\\d+)\\."]``.
         rest: group of unmatched leaves, or ``None`` to require every leaf be matched.
-        placement: offload: ``{"opt_state": "cpu"}`` etc. (see ``funzero.placement``).
+        placement: offload: ``{"opt_state": "cpu"}``, ``{"opt_state": "nvme:/scratch", "params":
+            "cpu"}``, or leaf-path rules ``{"opt_state": [(r"h\\.[0-7]\\.", "device"), ("", "cpu")]}``
+            (see ``funzero._placement``).
         batch: ``"global"`` or ``"local"`` (see :class:`Plan`).
         delayed_update: with ``placement={"opt_state": "cpu"}``, ZeRO-Offload's one-step delayed
             parameter update: step t's host update overlaps step t+1's forward and backward, so
@@ -138,7 +141,9 @@ def zero(
     from funzero._placement import validate_placement
 
     placement = validate_placement(dict(placement or {}), stage)
-    if delayed_update and placement.get("opt_state") != "cpu":
+    opt_where = placement.get("opt_state", "device")
+    opt_where = [opt_where] if isinstance(opt_where, str) else [w for _, w in opt_where]
+    if delayed_update and ("cpu" not in opt_where or any(w.startswith("nvme:") for w in opt_where)):
         raise ValueError(
             f"delayed_update=True needs placement opt_state='cpu' (it overlaps the host update with "
             f"the next step), got placement={placement!r}"
@@ -209,7 +214,7 @@ def bind(model: nn.Module, plan: Plan, precision: Precision) -> Binding:
     owners = {g: _common_prefix([a for p in lay.paths for a in aliases[p]]) for g, lay in layouts.items()}
     from funzero._placement import Placement
 
-    placement = Placement.resolve(dict(plan.placement), plan.mesh.device, rank=plan.rank)
+    placement = Placement.resolve(dict(plan.placement), plan.mesh.device, rank=plan.rank, layouts=layouts)
     return Binding(paths, aliases, layouts, owners, plan.num_shards, plan.rank, precision, plan.stage, placement)
 
 

@@ -157,11 +157,11 @@ def init(
         full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=torch.zeros(lay.padded, dtype=master_dtype, device=device))
         own = lay.shard(full, rank)
         if plan.params_sharded:
-            out_params[g] = pl.place("params", own.to(precision.param_dtype, copy=True), name=f"params.{g}")
+            out_params[g] = pl.place("params", own.to(precision.param_dtype, copy=True), name=f"params.{g}", g=g)
         else:
             out_params[g] = full.to(precision.param_dtype, copy=True)
         if precision.has_master:
-            out_master[g] = pl.place("opt_state", own.clone() if plan.opt_sharded else full, name=f"master.{g}")
+            out_master[g] = pl.place("opt_state", own.clone() if plan.opt_sharded else full, name=f"master.{g}", g=g)
         del full, own
     opt_target = out_master if precision.has_master else (
         {g: plan.opt_view(t, binding.layouts[g]) for g, t in out_params.items()}
@@ -196,15 +196,19 @@ def init(
 
 def _place_tree(pl, tree, prefix: str):
     """Every tensor leaf of an optimizer-state tree moved to where ``opt_state`` lives."""
-    if pl.kind("opt_state") == "device":
+    if not pl.offloaded("opt_state"):
         return tree
+    from funzero._placement import group_of_path
+
     paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace="funzero")
     del tree
     out = []
     for i, path in enumerate(paths):
         x = leaves[i]
         leaves[i] = None  # let each unplaced leaf go as soon as its placed copy exists
-        out.append(pl.place("opt_state", x, name=f"{prefix}." + ".".join(map(str, path))) if isinstance(x, torch.Tensor) else x)
+        g = group_of_path(path, pl.where["opt_state"])
+        name = f"{prefix}." + ".".join(map(str, path))
+        out.append(pl.place("opt_state", x, name=name, g=g) if isinstance(x, torch.Tensor) else x)
         del x
     return optree.tree_unflatten(spec, out)
 

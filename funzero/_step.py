@@ -205,7 +205,7 @@ class _Engine:
         if store is not None:
             # Never update a file the current state points at: update copies, rename when done.
             master, opt_state, pending = _nvme_begin(store, master, opt_state)
-            if pl.kind("params") == "nvme":
+            if "nvme" in pl.kinds("params"):
                 params_own, _, pending_params = _nvme_begin(store, params_own, None)
         target = master if master is not None else params_own
         if master is None:
@@ -253,7 +253,7 @@ class _Engine:
         new_params = state.params
         if store is not None:
             master, new_opt = _nvme_commit(store, pending, master, new_opt)
-            if pl.kind("params") == "nvme":
+            if "nvme" in pl.kinds("params"):
                 new_params, _ = _nvme_commit(store, pending_params, params_own, None)
         if p.opt_sharded and not p.params_sharded and p.num_shards > 1:
             self.gather_updated(b, state.params)
@@ -286,13 +286,21 @@ class _Engine:
         fa = self.inner.fused_apply
         parts = getattr(fa, "split", None)
         ok = (
-            pl.kind("opt_state") in ("cpu", "nvme")
-            and pl.kind("params") != "nvme"
+            pl.offloaded("opt_state")
+            and "nvme" not in pl.kinds("params")
             and state.master is not None
             and all(t.dtype == torch.float32 for t in state.master.values())
             and parts is not None
         )
         parts = parts(opt_state) if ok else None
+        if parts is None and pl.kind("opt_state") == "mixed":
+            raise ValueError(
+                "placement rules that split opt_state between the device and the host need an "
+                "optimizer whose update runs group by group (funzero.optim.adamw with float "
+                "hyperparameters, optionally after stateless transforms such as "
+                "clip_by_global_norm in a chain), an fp32 master (bf16 or fp16 precision), and "
+                f"no parameters on NVMe; got placement={dict(self.plan.placement)!r}"
+            )
         if self.plan.delayed_update and parts is None:
             raise ValueError(
                 "delayed_update=True needs an optimizer whose update runs group by group "
@@ -372,7 +380,7 @@ class _Engine:
         b = state.binding
         params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
         update = self.group_update(state, parts[1], parts[2], None, None)
-        return HostUpdater.of(b, b.placement.compute).begin(list(b.layouts), params_own, update)
+        return HostUpdater.of(b, b.placement.compute).begin(_host_groups(b), params_own, update)
 
     @torch.compiler.disable
     def host_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf, parts):
@@ -386,16 +394,39 @@ class _Engine:
         if prefix is not None:  # e.g. clipping: over all groups, on the device, before the copies
             grads, new_prefix = prefix(grads, master, info)
         # The host reads these anyway: one sync, with fp16 loss scaling only.
-        grad_scale = None if grad_scale is None else grad_scale.to("cpu")
-        found_inf = None if found_inf is None else found_inf.to("cpu")
-        update = self.group_update(state, last, last_state, grad_scale, found_inf)
+        host_scale = None if grad_scale is None else grad_scale.to("cpu")
+        host_inf = None if found_inf is None else found_inf.to("cpu")
+        update = self.group_update(state, last, last_state, host_scale, host_inf)
         params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
         # The new optimizer state (counts advanced; moments are updated in place, group by group).
-        new_opt = join(new_prefix, last({}, last_state, {}, found_inf=found_inf, info=info))
+        new_opt = join(new_prefix, last({}, last_state, {}, found_inf=host_inf, info=info))
+        hosted = _host_groups(b)
+        on_device = [g for g in b.layouts if g not in hosted]
+        gather = p.opt_sharded and not p.params_sharded and p.num_shards > 1
         finish = None
-        if p.opt_sharded and not p.params_sharded and p.num_shards > 1:
-            finish = functools.partial(self.gather_updated, b, dict(state.params))
-        HostUpdater.of(b, b.placement.compute).run(grads, params_own, update, delayed=p.delayed_update, finish=finish)
+        if gather:
+            finish = functools.partial(self.gather_updated, b, {g: state.params[g] for g in hosted})
+
+        def meanwhile() -> None:
+            """Groups whose state stays on the device update there while the host works."""
+            if not on_device:
+                return
+            out = {}
+            for g in on_device:  # stage-3 params on the host: written through a device copy
+                t = params_own[g]
+                out[g] = t if t.device == master[g].device else torch.empty_like(t, device=master[g].device)
+            last({g: grads[g] for g in on_device}, last_state, {g: master[g] for g in on_device}, param_out=out,
+                 grad_scale=grad_scale, found_inf=found_inf, info=info)
+            for g in on_device:
+                if out[g] is not params_own[g]:
+                    params_own[g].copy_(out[g])
+            if gather:
+                self.gather_updated(b, {g: state.params[g] for g in on_device})
+
+        HostUpdater.of(b, b.placement.compute).run(
+            {g: grads[g] for g in hosted}, {g: params_own[g] for g in hosted}, update,
+            delayed=p.delayed_update, finish=finish, meanwhile=meanwhile,
+        )
         if self.swaps:  # NVMe: the new state maps the renamed files
             swaps, self.swaps = self.swaps, {}
 
@@ -534,6 +565,11 @@ def _nvme_commit(store, pending, master, opt_state):
 
     master = None if master is None else {g: swap(t) for g, t in master.items()}
     return master, None if opt_state is None else optree.tree_map(swap, opt_state, namespace="funzero")
+
+
+def _host_groups(b) -> list[str]:
+    """The groups whose optimizer state lives in host memory or files: the host updates them."""
+    return [g for g in b.layouts if b.placement.offloaded("opt_state", g)]
 
 
 def _stream_grad(hook, g: str, grad: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ from tests._models import GROUPS, batches, lm_loss, tiny_gpt
 PRECISIONS = {"fp32": fz.fp32, "bf16": fz.bf16, "fp16": fz.fp16}
 OPTIMIZERS = {
     "adamw": lambda: fz.optim.adamw(1e-2, weight_decay=0.1, fused=False),
+    "adamw-fused": lambda: fz.optim.adamw(1e-2, weight_decay=0.1),
     "adamw-accumulate": lambda: fz.optim.multi_steps(fz.optim.adamw(1e-2, fused=False), 2),
     "lion": lambda: fz.optim.lion(1e-3),
     "sgd-momentum": lambda: fz.optim.sgd(1e-2, momentum=0.9),
@@ -37,11 +38,20 @@ CASES = [(stage, prec, "adamw", None) for stage in (0, 1, 2, 3) for prec in PREC
     (1, "bf16", "adamw-accumulate", {"opt_state": "nvme"}),
     (2, "fp32", "adamw", {"opt_state": "nvme"}),
     (3, "bf16", "adamw", {"opt_state": "nvme", "params": "nvme"}),
+    # leaf-path rules: one group's optimizer state in files, the others in memory
+    # (they need the per-group update: the fused AdamW and an fp32 master)
+    (2, "bf16", "adamw-fused", {"opt_state": [(r"^blocks\.1\.", "nvme"), ("", "device")]}),
+    (3, "fp16", "adamw-fused", {"opt_state": [(r"^blocks\.0\.", "cpu"), ("", "nvme")]}),
 ]
 
 
 def _nvme(placement, root):
-    return {k: f"nvme:{root}" for k in placement} if placement else None
+    if not placement:
+        return None
+    return {
+        k: f"nvme:{root}" if isinstance(v, str) else [(rx, f"nvme:{root}" if w == "nvme" else w) for rx, w in v]
+        for k, v in placement.items()
+    }
 
 
 def _meshes(world):
@@ -85,7 +95,7 @@ def _measure(rank, world, cases, tmpdir):
                 "files": sum(t.numel() * t.element_size() for t in files if NvmeStore.is_file_backed(t)),
             }
             del grads
-            if stage == 3 and opt == "adamw":
+            if stage == 3 and opt.startswith("adamw"):
                 with fz.track_gathered() as live:
                     state, _ = step(state, batches(1)[0])
                 rec["peak_gathered"] = live.peak

@@ -10,6 +10,7 @@ import torch
 
 import funzero as fz
 from funzero import optim
+from funzero._placement import NvmeStore, group_of_path
 from tests._dist import run_world
 from tests._models import GROUPS, batches, lm_loss, tiny_gpt
 
@@ -30,21 +31,47 @@ def _leaves(tree):
 
 
 def _check_placed(state, placement) -> list[str]:
-    """Names of leaves that are not where the placement says."""
+    """Names of leaves that are not where the placement says (each leaf against its group's place)."""
     pl = state.binding.placement
+    groups = state.binding.layouts
     bad = []
     for key, parts in (("params", [state.params]), ("opt_state", [state.master, state.opt_state])):
         for part in parts:
-            for t in _leaves(part):
-                if not pl.on_target(key, t):
-                    bad.append(f"{key}: {tuple(t.shape)} on {t.device} file={fz._placement.NvmeStore.filename(t)}")
+            paths, leaves, _ = optree.tree_flatten_with_path(part, namespace="funzero")
+            for path, t in zip(paths, leaves):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                g = group_of_path(path, groups)
+                if t.dim() > 0 and g is None:
+                    bad.append(f"{key}: {path} belongs to no group")
+                elif not pl.on_target(key, t, g):
+                    bad.append(f"{key}: {path} {tuple(t.shape)} on {t.device} file={NvmeStore.filename(t)}")
     return bad
+
+
+B0, B1 = r"^blocks\.0\.", r"^blocks\.1\."
+# Leaf-path rules: groups of one part in different places (the tiny GPT's groups: rest, blocks.0,
+# blocks.1).
+RULE_CASES = [
+    (2, {"opt_state": [(B0, "device"), ("", "cpu")]}),
+    (1, {"opt_state": [(B0, "device"), (B1, "nvme"), ("", "cpu")]}),
+    (3, {"params": [(B1, "cpu"), ("", "device")], "opt_state": [(B0, "device"), ("", "cpu")]}),
+    (3, {"params": "cpu", "opt_state": [(B0, "device"), (B1, "cpu"), ("", "nvme")]}),
+]
+
+
+def _with_dir(placement: dict, d: str) -> dict:
+    """``"nvme"`` in a placement (a value or a rule's target) as ``nvme:<d>``."""
+    def one(w):
+        return f"nvme:{d}" if w == "nvme" else w
+
+    return {k: one(v) if isinstance(v, str) else [(rx, one(w)) for rx, w in v] for k, v in placement.items()}
 
 
 def _train(rank, world, tmpdir, cases, steps):
     out = {}
     for i, (stage, placement) in enumerate(cases):
-        placement = {k: (f"nvme:{tmpdir}/r{rank}c{i}" if v == "nvme" else v) for k, v in placement.items()}
+        placement = _with_dir(placement, f"{tmpdir}/r{rank}c{i}")
         runs = {}
         for name, pl in (("default", {}), ("placed", placement)):
             model = tiny_gpt()
@@ -54,7 +81,7 @@ def _train(rank, world, tmpdir, cases, steps):
             step = fz.train_step(model, lm_loss, tx, plan)
             # Host state takes the pipelined update (_offload.py), NVMe files included, except
             # when the parameters themselves are files (stage 3, params on NVMe).
-            pipelined = bool(pl) and not str(pl.get("params", "")).startswith("nvme")
+            pipelined = bool(pl) and "nvme" not in str(pl.get("params", ""))
             assert step.engine.pipelined(state) == pipelined, (stage, pl)
             misplaced = [_check_placed(state, pl)]
             for b in batches(steps):
@@ -71,9 +98,11 @@ def _train(rank, world, tmpdir, cases, steps):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_offloaded_state_trains_bit_identically_and_stays_placed(world, tmp_path):
-    res = run_world(_train, world, str(tmp_path), CASES, 3)[0]
-    assert len(res) == len(CASES)
+@pytest.mark.parametrize("cases", ["whole", "rules"])
+def test_offloaded_state_trains_bit_identically_and_stays_placed(world, cases, tmp_path):
+    cases = CASES if cases == "whole" else RULE_CASES
+    res = run_world(_train, world, str(tmp_path), cases, 3)[0]
+    assert len(res) == len(cases)
     for key, runs in res.items():
         want, _, _, want_params = runs["default"]
         got, misplaced, files, got_params = runs["placed"]
@@ -126,6 +155,9 @@ PIPE_CASES = [
     (2, {"opt_state": "cpu"}, "bf16+clip"),  # the clip coefficient is global, the update per group
     (3, {"opt_state": "cpu"}, "bf16"),
     (3, {"opt_state": "cpu", "params": "cpu"}, "bf16+clip"),
+    (2, {"opt_state": [(B0, "device"), ("", "cpu")]}, "bf16+clip"),
+    (1, {"opt_state": [(B1, "device"), ("", "cpu")]}, "fp16"),
+    (3, {"params": "cpu", "opt_state": [(B0, "device"), ("", "cpu")]}, "bf16"),
 ]
 
 
@@ -143,29 +175,33 @@ def _pipelined(rank, world, cases, steps, delayed):
     out = {}
     for stage, placement, prec in cases:
         runs = {}
-        for name, pl, dpu in (("default", {}, False), ("placed", placement, delayed)):
+        lagged = set()  # the groups a delayed update lags: those the host updates
+        for name, pl, dpu in (("placed", placement, delayed), ("default", {}, False)):
             model = tiny_gpt()
             plan = fz.zero(stage, groups=GROUPS, placement=pl, delayed_update=dpu)
             tx = _tx(prec)
             state = fz.init(model, tx, plan, precision=_precision(prec))
             step = fz.train_step(model, lm_loss, tx, plan)
             assert step.engine.pipelined(state) == (name == "placed")
-            hist = [[t.clone() for t in state.params.values()]]
+            if name == "placed":
+                lagged = {g for g in state.binding.layouts if state.binding.placement.offloaded("opt_state", g)}
+            hist = [{g: t.clone() for g, t in state.params.items()}]
             misplaced = [_check_placed(state, pl)]
             for i, b in enumerate(batches(steps)):
                 if delayed and name == "default":
                     # Emulate the delayed update with the ordinary step: compute step t's gradient
-                    # at the parameters from before step t-1's update.
-                    for t, lag in zip(state.params.values(), hist[max(0, i - 1)]):
-                        t.copy_(lag)
+                    # at the parameters from before step t-1's update (groups updated on the
+                    # host; those on the device update at once).
+                    for g in lagged:
+                        state.params[g].copy_(hist[max(0, i - 1)][g])
                 state, _ = step(state, b)
                 if delayed and name == "default":
-                    hist.append([t.clone() for t in state.params.values()])
+                    hist.append({g: t.clone() for g, t in state.params.items()})
                 misplaced.append(_check_placed(state, pl))
             fz.sync(state)
             if delayed and name == "default":
-                for t, new in zip(state.params.values(), hist[-1]):
-                    t.copy_(new)
+                for g, t in state.params.items():
+                    t.copy_(hist[-1][g])
             runs[name] = (fz.gather_params(state, plan), misplaced, [t.clone() for t in _leaves(state.params)], int(state.step))
         out[(stage, str(placement), prec)] = runs
     return out
@@ -275,3 +311,65 @@ def test_a_step_that_fails_in_forward_leaves_the_next_step_working():
         step(state, batches(1)[0])
     state, m = step(state, batches(1)[0])
     assert torch.isfinite(m["loss"]) and int(state.step) == 1
+
+
+# --- leaf-path placement rules -------------------------------------------------------------------
+def test_rules_send_exactly_the_offloaded_groups_to_the_host(monkeypatch):
+    """Groups whose state a rule keeps on the device never reach the host update."""
+    from funzero._offload import HostUpdater
+
+    issued = []
+    real = HostUpdater._issue
+
+    def spy(self, job, g, *a, **k):
+        issued.append(g)
+        return real(self, job, g, *a, **k)
+
+    monkeypatch.setattr(HostUpdater, "_issue", spy)
+    for tx_name in ("bf16", "bf16+clip"):  # streamed from backward, and after a global prefix
+        issued.clear()
+        model = tiny_gpt()
+        plan = fz.zero(2, groups=GROUPS, placement={"opt_state": [(B0, "device"), ("", "cpu")]})
+        tx = _tx(tx_name)
+        state = fz.init(model, tx, plan, precision=fz.bf16())
+        pl = state.binding.placement
+        assert pl.kind("opt_state") == "mixed" and pl.kinds("opt_state") == {"device", "cpu"}
+        assert [pl.kind("opt_state", g) for g in state.binding.layouts] == ["cpu", "device", "cpu"]
+        step = fz.train_step(model, lm_loss, tx, plan)
+        for b in batches(2):
+            state, m = step(state, b)
+        assert torch.isfinite(m["loss"])
+        assert sorted(issued) == sorted(["rest", "blocks.1"] * 2), (tx_name, issued)
+
+
+def test_bad_placement_rules_name_the_leaf_group_or_rule():
+    model = tiny_gpt()
+
+    def init(placement, stage=2, tx=None):
+        plan = fz.zero(stage, groups=GROUPS, placement=placement)
+        return fz.init(tiny_gpt(), tx or optim.adamw(1e-3), plan, precision=fz.bf16()), plan
+
+    with pytest.raises(ValueError, match=r"leaf 'wte.weight' is matched by no rule"):
+        init({"opt_state": [(B0, "device"), (B1, "cpu")]})
+    with pytest.raises(ValueError, match=r"puts group 'blocks.0' in two places: leaf 'blocks.0.ln_1.weight' on 'device', leaf 'blocks.0.attn"):
+        init({"opt_state": [(r"^blocks\.0\.ln", "device"), ("", "cpu")]})
+    with pytest.raises(ValueError, match=r"rule 'nope' matches no leaf path"):
+        init({"opt_state": [("nope", "device"), ("", "cpu")]})
+    with pytest.raises(ValueError, match=r"rule \('x',\) is not a \(regex, where\) pair"):
+        fz.zero(2, placement={"opt_state": [("x",)]})
+    with pytest.raises(ValueError, match=r"rule '\(' is not a valid regex"):
+        fz.zero(2, placement={"opt_state": [("(", "cpu")]})
+    with pytest.raises(ValueError, match=r"must be a string or a non-empty list"):
+        fz.zero(2, placement={"opt_state": []})
+    with pytest.raises(ValueError, match=r"params='cpu' needs ZeRO stage 3"):
+        fz.zero(2, placement={"params": [(B0, "cpu"), ("", "device")]})
+    with pytest.raises(ValueError, match=r"'gpu' is not one of"):
+        fz.zero(2, placement={"opt_state": [(B0, "gpu"), ("", "cpu")]})
+    # A mixed placement needs the per-group update: lion has none.
+    state, plan = init({"opt_state": [(B0, "device"), ("", "cpu")]}, tx=optim.lion(1e-3))
+    with pytest.raises(ValueError, match="placement rules that split opt_state between the device and the host"):
+        fz.train_step(model, lm_loss, optim.lion(1e-3), plan)(state, batches(1)[0])
+    # delayed_update needs a cpu group and no NVMe one
+    with pytest.raises(ValueError, match="delayed_update=True needs placement opt_state='cpu'"):
+        fz.zero(2, placement={"opt_state": [(B0, "device"), ("", "nvme:/tmp")]}, delayed_update=True)
+    fz.zero(2, placement={"opt_state": [(B0, "device"), ("", "cpu")]}, delayed_update=True)

@@ -66,6 +66,16 @@ def _value(v: ScalarOrSchedule, count: torch.Tensor) -> torch.Tensor | float:
     return v(count) if callable(v) else v
 
 
+def _on(x, device: torch.device):
+    """A 0-d tensor hyperparameter as the kernel on ``device`` takes it: a host value elsewhere
+    becomes a Python number, a device value elsewhere is copied."""
+    if not isinstance(x, torch.Tensor) or x.device == device:
+        return x
+    if x.device.type == "cpu":
+        return x.item()
+    return x.to(device)
+
+
 def _zeros(tree, dtype=None):
     return tree_map(lambda t: torch.zeros_like(t, dtype=dtype or t.dtype), tree)
 
@@ -413,6 +423,9 @@ def adamw(
             # The kernel works on flat 1-D buffers; leaves of any shape are viewed flat.
             m_, g_, mu_, nu_ = (t.view(-1) for t in (master[k], g, adam_state.mu[k], adam_state.nu[k]))
             po = None if param_out is None else param_out[k].view(-1)
+            # Counts kept on the host (placement rules putting some groups on the device) are
+            # read as numbers there: no device sync, no copy.
+            step_k, lr_k = _on(step, m_.device), _on(lr, m_.device)
             for a, b, wd in cuts:
                 ops.adamw_(
                     m_[a:b],
@@ -420,7 +433,7 @@ def adamw(
                     mu_[a:b],
                     nu_[a:b],
                     None if po is None else po[a:b],
-                    lr=lr, step=step, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                    lr=lr_k, step=step_k, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
                     grad_scale=grad_scale, found_inf=found_inf,
                 )
         advance = 1 if found_inf is None else (found_inf == 0).to(torch.int32)
