@@ -95,7 +95,8 @@ def run(system, cfg, batch, args, device, placement=None):
 
 
 def host_adam(n: int, reps: int = 5) -> list[dict]:
-    """Host AdamW over ``n`` fp32 params: DeepSpeedCPUAdam vs torch fused vs funzero's kernel."""
+    """Host AdamW over ``n`` fp32 params: DeepSpeedCPUAdam vs torch fused vs each of funzero's kernel
+    variants (rows ``funzero[variant,threads=N]``)."""
     import statistics
 
     from funzero import ops
@@ -138,9 +139,19 @@ def host_adam(n: int, reps: int = 5) -> list[dict]:
         step[0] += 1
         ops.adamw_(master, grad, mu, nu, out, lr=hp["lr"], step=step[0], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
-    for t in sorted({threads, max(1, threads - 1)}):
-        with ops.host_threads(t):
-            timed("funzero host kernel (bf16 grad, bf16 out)", t, fz_step)
+    # every kernel variant (bit-identical, different memory access) at all cores, all but one, and
+    # torch's thread count (physical cores where torch counts those)
+    from funzero.ops import _cpu_adamw
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    info = dict(default_variant=_cpu_adamw.DEFAULT_VARIANT, nt_bytes=_cpu_adamw.nt_bytes(), cpus=cpus,
+                torch_threads=threads)
+    ts.log(f"funzero host kernel (bf16 grad, bf16 out): {json.dumps(info)}")
+    for variant in _cpu_adamw.VARIANTS:
+        for t in sorted({cpus, max(1, cpus - 1), threads}, reverse=True):
+            with ops.host_threads(t), _cpu_adamw.host_variant(variant):
+                timed(f"funzero[{variant},threads={t}]", t, fz_step)
+            rows[-1].update(info, variant=variant)
     return rows
 
 

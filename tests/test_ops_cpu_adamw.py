@@ -4,6 +4,7 @@ Same tolerances as the Triton kernel's tests: 1e-6 relative plus 1e-7 absolute o
 the bf16 copy bit for bit against torch's round-to-nearest-even cast.
 """
 
+import platform
 import threading
 
 import pytest
@@ -112,3 +113,76 @@ def test_unsupported_dtypes_take_the_torch_reference():
     with fo.backend("torch"):
         fo.adamw_(ref[0], g, ref[1], ref[2], lr=1e-2, step=1, **HP)
     assert torch.equal(master, ref[0]) and torch.equal(out, master.half())
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _update_slices(n, offsets, grad_dtype, out_dtype, variant, threads, steps=2):
+    """The kernel over views at element offsets (so pointers are not 64-byte aligned)."""
+    gen = torch.Generator().manual_seed(n)
+    om, og, omu, onu, oout = offsets
+
+    def view(off, dtype, fill=None):
+        buf = torch.empty(n + off, dtype=dtype) if fill is None else torch.full((n + off,), fill, dtype=dtype)
+        return buf[off:]
+
+    master = view(om, torch.float32)
+    master.copy_(torch.randn(n, generator=gen))
+    p0 = master.clone()
+    mu, nu = view(omu, torch.float32, 0.0), view(onu, torch.float32, 0.0)
+    out = None if out_dtype is None else view(oout, out_dtype, 0.0)
+    grads = []
+    for _ in range(steps):
+        g = view(og, grad_dtype)
+        g.copy_(torch.randn(n, generator=gen))
+        grads.append(g)
+    with fo.host_threads(threads), _cpu_adamw.host_variant(variant):
+        for i, g in enumerate(grads):
+            fo.adamw_(master, g, mu, nu, out, lr=1e-2, step=i + 1, **HP)
+    return p0, grads, (master, mu, nu, out)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099, 70001])
+@pytest.mark.parametrize("offsets", [(0, 0, 0, 0, 0), (1, 3, 5, 2, 7), (16, 9, 16, 16, 3)])
+@pytest.mark.parametrize("grad_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                                  (torch.bfloat16, None)])
+def test_every_variant_gives_the_same_bits(monkeypatch, n, offsets, grad_dtype, out_dtype):
+    # streaming stores and thread splits at every size, not only the large ones
+    monkeypatch.setattr(_cpu_adamw, "_NT_MIN", 0)
+    monkeypatch.setattr(_cpu_adamw, "_MIN_CHUNK", 64)
+    p0, grads, ref = _update_slices(n, offsets, grad_dtype, out_dtype, _cpu_adamw.DEFAULT_VARIANT, 1)
+    ref_p, ref_m, ref_v = _torch_optim(p0, grads, lr=1e-2)
+    torch.testing.assert_close(ref[0], ref_p, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ref[1], ref_m, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ref[2], ref_v, rtol=RTOL, atol=ATOL)
+    if out_dtype is not None:
+        assert torch.equal(ref[3], ref[0].to(out_dtype))
+    for variant in (*_cpu_adamw.VARIANTS, "tile100-pf1", "tile3k-dyn-ntall-pf"):
+        for threads in (1, 3):
+            _, _, got = _update_slices(n, offsets, grad_dtype, out_dtype, variant, threads)
+            for a, b in zip(got, ref):
+                assert (a is None and b is None) or torch.equal(_bits(a), _bits(b)), (variant, threads)
+
+
+def test_variant_selection(monkeypatch):
+    assert _cpu_adamw.DEFAULT_VARIANT in _cpu_adamw.VARIANTS
+    assert _cpu_adamw.parse_variant("contig") == (0, 0, 0)
+    assert _cpu_adamw.parse_variant("tile16k-dyn-ntout-pf8") == (16384, 5, 2048)
+    for bad in ("", "contig-dyn", "tile0", "contig-nt", "rows"):
+        with pytest.raises(ValueError, match="host AdamW variant"):
+            _cpu_adamw.host_variant(bad)
+    monkeypatch.setenv("FUNZERO_CPU_ADAMW_VARIANT", "tile16k")
+    assert _cpu_adamw.current_variant() == "tile16k"
+    with _cpu_adamw.host_variant("contig-pf"):
+        assert _cpu_adamw.current_variant() == "contig-pf"
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(_cpu_adamw.current_variant()))
+        t.start()
+        t.join()
+        assert seen == ["tile16k"]  # per thread, like host_threads
+    assert _cpu_adamw.current_variant() == "tile16k"
+    monkeypatch.delenv("FUNZERO_CPU_ADAMW_VARIANT")
+    assert _cpu_adamw.current_variant() == _cpu_adamw.DEFAULT_VARIANT
+    assert _cpu_adamw.nt_bytes() in ((16, 32, 64) if platform.machine() in ("x86_64", "AMD64") else (0,))
