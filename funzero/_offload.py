@@ -73,6 +73,14 @@ class _Job:
             yield g
 
 
+class _Parts:
+    """A group's gradient as its leaves' gradients: ``parts = [(offset, grad)]`` into a flat buffer
+    of ``numel`` elements whose other elements (padding) are zero."""
+
+    def __init__(self, parts: list, numel: int, dtype: torch.dtype) -> None:
+        self.parts, self.numel, self.dtype = parts, numel, dtype
+
+
 class HostUpdater:
     """Pinned buffers, two copy streams and one worker thread for one binding's host update."""
 
@@ -106,14 +114,25 @@ class HostUpdater:
             buf = cache[g] = torch.empty(like.numel(), dtype=like.dtype, pin_memory=self.cuda)
         return buf
 
-    def _to_host(self, g: str, x: torch.Tensor, job: _Job) -> None:
-        buf = self._pinned(self.grad_host, g, x)
-        if not self.cuda or x.device.type != "cuda":
-            buf.copy_(x.reshape(-1))
+    def _to_host(self, g: str, x, job: _Job) -> None:
+        """Copy group ``g``'s gradient out: a flat tensor, or ``_Parts`` (one tensor per leaf)."""
+        if isinstance(x, _Parts):
+            buf = self.grad_host.get(g)
+            if buf is None or buf.numel() != x.numel or buf.dtype != x.dtype:
+                # padding between and after the leaves stays zero: only the leaves are written
+                buf = self.grad_host[g] = torch.zeros(x.numel, dtype=x.dtype, pin_memory=self.cuda)
+            pieces = [(buf[a : a + t.numel()], t.reshape(-1)) for a, t in x.parts]
+        else:
+            buf = self._pinned(self.grad_host, g, x)
+            pieces = [(buf, x.reshape(-1))]
+        if not self.cuda or not any(t.device.type == "cuda" for _, t in pieces):
+            for dst, src in pieces:
+                dst.copy_(src)
             return
         with torch.cuda.stream(self.d2h):
-            buf.copy_(x.reshape(-1), non_blocking=True)
-            x.record_stream(self.d2h)
+            for dst, src in pieces:
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(self.d2h)
             job.d2h[g] = self.d2h.record_event()
 
     def _to_params(self, g: str, dst: torch.Tensor) -> None:
@@ -147,11 +166,13 @@ class HostUpdater:
 
         hosted = set(groups)
 
-        def hook(g: str, grad: torch.Tensor) -> None:
+        def hook(g: str, grad) -> None:
+            """``grad``: the group's flat gradient, or ``_Parts`` (its leaves' gradients)."""
             if g not in hosted:  # its state is on the device: it updates after backward
                 return
-            if self.cuda and grad.device.type == "cuda":
-                self.d2h.wait_stream(torch.cuda.current_stream(grad.device))  # backward's stream
+            dev = grad.parts[0][1].device if isinstance(grad, _Parts) else grad.device
+            if self.cuda and dev.type == "cuda":
+                self.d2h.wait_stream(torch.cuda.current_stream(dev))  # backward's stream
             self._issue(job, g, grad, params[g], False)
 
         def abort() -> None:

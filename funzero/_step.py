@@ -130,6 +130,9 @@ class _Engine:
 
     def forward_backward(self, state: TrainState, batch: Any, loss_scale: torch.Tensor | None):
         p, b = self.plan, state.binding
+        hook = self.stream_hook(state)
+        if hook is not None and not self.gathered and p.num_shards == 1:
+            return self.forward_backward_leaves(state, batch, loss_scale, hook)
         anchors = self.anchors(state)
         n = p.num_shards
         leaves: dict[str, torch.Tensor] = {}
@@ -144,7 +147,6 @@ class _Engine:
                     full = a  # differentiate the param buffer itself
                 leaves.update(lay.unpack(full))
         model = self.model
-        hook = self.stream_hook(state)
         if hook is not None:
             for g, a in anchors.items():
                 a.register_hook(functools.partial(_stream_grad, hook, g))
@@ -170,6 +172,67 @@ class _Engine:
                 hook.abort()  # the worker stops waiting for gradients that will not come
             raise
         return dict(zip(anchors, grads)), loss.detach(), aux
+
+    def forward_backward_leaves(self, state: TrainState, batch: Any, loss_scale, hook):
+        """One rank, host update streamed from backward: differentiate each leaf, not each group.
+
+        The autograd engine runs ready nodes newest first, and the views that split a group's
+        flat buffer into leaves are made before forward, so their backward (which forms the
+        group's flat gradient) would wait for the end of backward and every group would leave
+        the device at once. A leaf's own gradient is final as soon as its last use in backward
+        has run (leaf accumulation runs first), so a hook over a group's leaves sends each group
+        to the host while backward goes on. Groups updated on the device get their flat
+        gradient assembled after backward.
+        """
+        from funzero._offload import _Parts
+
+        b = state.binding
+        leaves = {path: v.detach().requires_grad_() for g, t in state.params.items()
+                  for path, v in b.layouts[g].unpack(t).items()}
+        for g in _host_groups(b):
+            lay = b.layouts[g]
+            pending = {"parts": [], "left": len(lay.slots)}
+
+            def on_grad(grad, slot, g=g, lay=lay, pending=pending, dtype=state.params[g].dtype):
+                # called once per leaf, as its gradient is final; the last leaf sends the group
+                pending["parts"].append((slot.offset, grad))
+                pending["left"] -= 1
+                if pending["left"] == 0:
+                    hook(g, _Parts(pending.pop("parts"), lay.padded, dtype))
+
+            for slot in lay.slots:
+                leaves[slot.path].register_hook(functools.partial(_leaf_grad, on_grad, slot))
+        model = self.model
+
+        def apply(*args, **kwargs):
+            return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
+
+        try:
+            out = self.loss_fn(apply, batch)
+            loss, aux = out if self.has_aux else (out, None)
+            scaled = loss * loss_scale if loss_scale is not None else loss
+            got = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
+        except BaseException:
+            hook.abort()
+            raise
+        by_path = dict(zip(leaves, got))
+        del got, leaves
+        hosted = set(_host_groups(b))
+        grads = {}
+        for g, lay in b.layouts.items():
+            t = state.params[g]
+            if g in hosted:  # copied out during backward (or, if it never fired, after it)
+                parts = [(s.offset, by_path[s.path]) for s in lay.slots if by_path[s.path] is not None]
+                grads[g] = _Parts(parts, lay.padded, t.dtype)
+                continue
+            flat = torch.zeros(lay.padded, dtype=t.dtype, device=t.device)
+            for path, v in lay.unpack(flat).items():
+                x = by_path.pop(path)  # each leaf's gradient goes as soon as it is packed
+                if x is not None:
+                    v.copy_(x)
+                del x
+            grads[g] = flat
+        return grads, loss.detach(), aux
 
     # --- the update ----------------------------------------------------------------------------
     def finish_reduce(self, grads: dict, state: TrainState) -> dict:
@@ -570,6 +633,10 @@ def _nvme_commit(store, pending, master, opt_state):
 def _host_groups(b) -> list[str]:
     """The groups whose optimizer state lives in host memory or files: the host updates them."""
     return [g for g in b.layouts if b.placement.offloaded("opt_state", g)]
+
+
+def _leaf_grad(on_grad, slot, grad: torch.Tensor) -> None:
+    on_grad(grad, slot)  # returns None: the gradient itself is unchanged
 
 
 def _stream_grad(hook, g: str, grad: torch.Tensor) -> None:

@@ -56,7 +56,9 @@ _LOCAL = threading.local()
 # elements, where the arrays do not fit in cache anyway.
 VARIANTS = ("tile16k", "tile16k-ntout", "tile256k-dyn-ntout", "contig", "contig-pf", "contig-ntout",
             "contig-ntout-pf", "contig-ntall")
-DEFAULT_VARIANT = "contig-ntout"
+# The default is the fastest on the H100 host (16 cores, 2026-11-23, 256M params): 5.33 Gparam/s
+# against DeepSpeedCPUAdam's 4.72 and the first kernel's (tile16k) 4.42 (benchmarks/NOTES.md).
+DEFAULT_VARIANT = "contig-ntout-pf"
 _NT_MIN = 1 << 18
 _MIN_CHUNK = 1 << 14  # elements per thread at least: small updates wake fewer threads
 

@@ -373,3 +373,32 @@ def test_bad_placement_rules_name_the_leaf_group_or_rule():
     with pytest.raises(ValueError, match="delayed_update=True needs placement opt_state='cpu'"):
         fz.zero(2, placement={"opt_state": [(B0, "device"), ("", "nvme:/tmp")]}, delayed_update=True)
     fz.zero(2, placement={"opt_state": [(B0, "device"), ("", "cpu")]}, delayed_update=True)
+
+
+def test_a_group_leaves_as_soon_as_its_backward_is_done(monkeypatch):
+    """Not at the end of backward: blocks.1 goes to the host before backward reaches the input
+    of blocks.0 (the views that pack a flat buffer run their backward last, so a hook on the
+    group's flat gradient would fire only once backward is over)."""
+    from funzero._offload import HostUpdater
+
+    events = []
+    real = HostUpdater._issue
+
+    def spy(self, job, g, *a, **k):
+        events.append(f"issue {g}")
+        return real(self, job, g, *a, **k)
+
+    monkeypatch.setattr(HostUpdater, "_issue", spy)
+    model = tiny_gpt()
+
+    def watch_input(module, args):
+        if args[0].requires_grad:
+            args[0].register_hook(lambda grad: events.append("grad at the input of blocks.0"))
+
+    model.blocks[0].register_forward_pre_hook(watch_input)
+    plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"})
+    tx = optim.adamw(1e-2)
+    state = fz.init(model, tx, plan, precision=fz.bf16())
+    fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
+    assert events.index("issue blocks.1") < events.index("grad at the input of blocks.0"), events
+    assert sorted(e for e in events if e.startswith("issue")) == ["issue blocks.0", "issue blocks.1", "issue rest"]
