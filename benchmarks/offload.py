@@ -194,6 +194,8 @@ def main(argv=None):
     p.add_argument("--nvme", default="", help="directory for an NVMe-offload run")
     p.add_argument("--nvme-model", default="gpt2-xl", help="GPT-2 preset of the NVMe run (gpt2-medium: 350M)")
     p.add_argument("--nvme-batch", type=int, default=8)
+    p.add_argument("--nvme-shape", default="", help="LAYERS,WIDTH of a GPT for the NVMe run instead of --nvme-model")
+    p.add_argument("--nvme-steps", type=int, default=4, help="steps of the NVMe run (half of them timed)")
     p.add_argument("--out", default=os.environ.get("OUT") or "runs")
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -220,6 +222,9 @@ def main(argv=None):
     jobs = [(s, cfg, args.batch, None) for s in args.systems.split(",") if s]
     if args.nvme:
         nv = ts.gpt_config(args.nvme_model, block_size=args.seq)
+        if args.nvme_shape:
+            layers, width = map(int, args.nvme_shape.split(","))
+            nv = GPTConfig(block_size=args.seq, n_layer=layers, n_head=width // 128, n_embd=width)
         jobs.append(("fz2-eager-nvme", nv, args.nvme_batch, {"opt_state": f"nvme:{args.nvme}"}))
     if args.largest:
         big = GPTConfig(block_size=args.seq, n_layer=args.largest_layers, n_head=32, n_embd=4096)
@@ -228,7 +233,7 @@ def main(argv=None):
         ts.log(f"{system} ...")
         a = argparse.Namespace(**vars(args))
         if "largest" in system or "nvme" in system:
-            a.steps, a.timed = (10, 5) if "largest" in system else (4, 2)
+            a.steps, a.timed = (10, 5) if "largest" in system else (args.nvme_steps, args.nvme_steps // 2)
         try:
             r = run(system.replace("-largest", "").replace("-nvme", ""), c, batch, a, device, placement)
             r["system"] = system

@@ -147,6 +147,19 @@ def build(system: str, cfg, data, device, batch):
 
 
 def run(system, model_name, args, device) -> dict:
+    """One system on one model. ``<system>@cdt`` compiles with inductor's coordinate-descent tuning
+    of its generated kernels (``torch._inductor.config.coordinate_descent_tuning``)."""
+    base, _, opts = system.partition("@")
+    if opts:
+        import torch._inductor.config as inductor_config
+
+        unknown = set(opts.split("+")) - {"cdt"}
+        if unknown:
+            raise ValueError(f"unknown system option(s) {sorted(unknown)} in {system!r}")
+        with inductor_config.patch(coordinate_descent_tuning=True):
+            r = run(base, model_name, args, device)
+        r["system"] = system
+        return r
     preset, batch = MODELS[model_name]
     batch = args.batch or batch
     cfg = gpt_config(preset, block_size=args.seq) if not args.smoke else GPTConfig(block_size=args.seq, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
