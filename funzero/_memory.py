@@ -467,7 +467,8 @@ def _held_grads(layouts: Mapping[str, FlatLayout], stage: int, n: int, precision
     rank, or stage 1) the gradient is that buffer's, full and in the parameter dtype. Otherwise
     the anchor is a zero-stride view (no memory of its own) and the gradient arrives from the
     collective in the master dtype when there is a master and more than one rank: full in stage
-    0, this rank's shard in stages 2-3.
+    0, this rank's shard in stages 2-3. (An eager one-rank step streaming host-placed groups
+    differentiates each leaf instead: it holds these bytes less the padding.)
     """
     comm = n > 1 and stage != 1
     dtype = precision.master_dtype if (precision.has_master and comm) else precision.param_dtype

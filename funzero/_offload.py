@@ -75,10 +75,23 @@ class _Job:
 
 class _Parts:
     """A group's gradient as its leaves' gradients: ``parts = [(offset, grad)]`` into a flat buffer
-    of ``numel`` elements whose other elements (padding) are zero."""
+    of ``numel()`` elements whose other elements (padding) are zero.
+
+    ``numel()``/``element_size()`` describe that flat gradient (what the memory model counts);
+    ``held_nbytes()`` is what the leaves' gradients hold, less by the padding.
+    """
 
     def __init__(self, parts: list, numel: int, dtype: torch.dtype) -> None:
-        self.parts, self.numel, self.dtype = parts, numel, dtype
+        self.parts, self.size, self.dtype = parts, numel, dtype
+
+    def numel(self) -> int:
+        return self.size
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def held_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.parts)
 
 
 class HostUpdater:
@@ -118,9 +131,9 @@ class HostUpdater:
         """Copy group ``g``'s gradient out: a flat tensor, or ``_Parts`` (one tensor per leaf)."""
         if isinstance(x, _Parts):
             buf = self.grad_host.get(g)
-            if buf is None or buf.numel() != x.numel or buf.dtype != x.dtype:
+            if buf is None or buf.numel() != x.numel() or buf.dtype != x.dtype:
                 # padding between and after the leaves stays zero: only the leaves are written
-                buf = self.grad_host[g] = torch.zeros(x.numel, dtype=x.dtype, pin_memory=self.cuda)
+                buf = self.grad_host[g] = torch.zeros(x.numel(), dtype=x.dtype, pin_memory=self.cuda)
             pieces = [(buf[a : a + t.numel()], t.reshape(-1)) for a, t in x.parts]
         else:
             buf = self._pinned(self.grad_host, g, x)
