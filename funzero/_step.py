@@ -13,7 +13,10 @@ Design note:
 * **The reduce is the gradient of the gather.** Each group's differentiable *anchor* (its fp32
   master shard where there is one and communication happens, else the param buffer itself) goes
   through a collective ``autograd.Function`` (``_collectives.py``) whose backward reduces the
-  group's gradient as soon as backward has finished with it.
+  group's gradient. That is the traced (compiled) form and stage 3's. Eager steps of stages 0-2
+  differentiate each leaf instead and reduce a group from a hook when its last leaf's gradient
+  is ready (``forward_backward_leaves``): the autograd engine runs ready nodes newest first, so
+  the anchors' backward, made before forward, would otherwise run only at the end of backward.
 * **Donation.** The incoming state's buffers are updated in place (fused optimizer kernels, the
   in-place all-gather of stages 1-2); do not use it after the call.
 """
@@ -131,7 +134,10 @@ class _Engine:
     def forward_backward(self, state: TrainState, batch: Any, loss_scale: torch.Tensor | None):
         p, b = self.plan, state.binding
         hook = self.stream_hook(state)
-        if hook is not None and not self.gathered and p.num_shards == 1:
+        n = p.num_shards
+        if not self.gathered and not torch.compiler.is_compiling() and (
+            (n == 1 and hook is not None) or (n > 1 and p.reduce_in_backward)
+        ):
             return self.forward_backward_leaves(state, batch, loss_scale, hook)
         anchors = self.anchors(state)
         n = p.num_shards
@@ -174,34 +180,64 @@ class _Engine:
         return dict(zip(anchors, grads)), loss.detach(), aux
 
     def forward_backward_leaves(self, state: TrainState, batch: Any, loss_scale, hook):
-        """One rank, host update streamed from backward: differentiate each leaf, not each group.
+        """Eager steps without stage-3 gathers: differentiate each leaf, finish each group at once.
 
         The autograd engine runs ready nodes newest first, and the views that split a group's
-        flat buffer into leaves are made before forward, so their backward (which forms the
-        group's flat gradient) would wait for the end of backward and every group would leave
-        the device at once. A leaf's own gradient is final as soon as its last use in backward
-        has run (leaf accumulation runs first), so a hook over a group's leaves sends each group
-        to the host while backward goes on. Groups updated on the device get their flat
-        gradient assembled after backward.
+        flat buffer into leaves (or the collective that hands the buffer to forward) are made
+        before forward, so their backward, which forms the group's gradient and reduces it,
+        would wait for the very end of backward: no reduce and no copy to the host would overlap
+        backward. A leaf's own gradient is ready as soon as its last use in backward has run (leaf
+        accumulation runs first), so a hook per leaf finishes each group when its last leaf is
+        done: the group's flat gradient is formed and reduced over ranks (stages 0 and 2), or, on
+        one rank, handed leaf by leaf to the host update (``hook``). Each hook hands autograd a
+        zero-stride zero in place of the leaf's gradient, so nothing is held twice.
         """
         from funzero._offload import _Parts
 
-        b = state.binding
+        p, b = self.plan, state.binding
+        n = p.num_shards
+        prec = b.precision
+        hosted = set(_host_groups(b)) if hook is not None else set()
         leaves = {path: v.detach().requires_grad_() for g, t in state.params.items()
                   for path, v in b.layouts[g].unpack(t).items()}
-        for g in _host_groups(b):
-            lay = b.layouts[g]
-            pending = {"parts": [], "left": len(lay.slots)}
+        done: dict[str, Any] = {}
+        pending: dict[str, list] = {g: [] for g in b.layouts}
+        zeros: dict = {}
 
-            def on_grad(grad, slot, g=g, lay=lay, pending=pending, dtype=state.params[g].dtype):
-                # called once per leaf, as its gradient is final; the last leaf sends the group
-                pending["parts"].append((slot.offset, grad))
-                pending["left"] -= 1
-                if pending["left"] == 0:
-                    hook(g, _Parts(pending.pop("parts"), lay.padded, dtype))
+        def finish(g: str) -> None:
+            lay, t = b.layouts[g], state.params[g]
+            parts = pending.pop(g)
+            if n == 1 and g in hosted:
+                out = _Parts([(s.offset, x) for s, x in parts], lay.padded, t.dtype)
+            else:
+                out = torch.zeros(lay.padded, dtype=t.dtype, device=t.device)
+                for s, x in parts:
+                    out[s.offset : s.offset + s.numel].copy_(x.reshape(-1))
+                del parts
+                if n > 1:  # as ScatterGrad / AllReduceGrad do in their backward
+                    red = out if self.spec.reduce_dtype is None else out.to(self.spec.reduce_dtype)
+                    del out
+                    if p.grads_sharded:
+                        red = reduce_scatter(red, p.mesh, p.axis, tag="grad")
+                    else:
+                        red = all_reduce(red, p.mesh, p.axis, tag="grad")
+                    out = red.to(prec.reduce_dtype or prec.param_dtype)
+            done[g] = out
+            if g in hosted:
+                hook(g, out)
 
+        def on_grad(g: str, slot, grad: torch.Tensor) -> torch.Tensor:
+            pending[g].append((slot, grad))
+            if len(pending[g]) == len(b.layouts[g].slots):
+                finish(g)
+            key = (grad.dtype, grad.device)
+            if key not in zeros:
+                zeros[key] = torch.zeros((), dtype=grad.dtype, device=grad.device)
+            return zeros[key].expand(grad.shape)  # what autograd keeps for this leaf: no memory
+
+        for g, lay in b.layouts.items():
             for slot in lay.slots:
-                leaves[slot.path].register_hook(functools.partial(_leaf_grad, on_grad, slot))
+                leaves[slot.path].register_hook(functools.partial(on_grad, g, slot))
         model = self.model
 
         def apply(*args, **kwargs):
@@ -211,28 +247,16 @@ class _Engine:
             out = self.loss_fn(apply, batch)
             loss, aux = out if self.has_aux else (out, None)
             scaled = loss * loss_scale if loss_scale is not None else loss
-            got = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
+            torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
         except BaseException:
-            hook.abort()
+            if hook is not None:
+                hook.abort()
             raise
-        by_path = dict(zip(leaves, got))
-        del got, leaves
-        hosted = set(_host_groups(b))
-        grads = {}
-        for g, lay in b.layouts.items():
-            t = state.params[g]
-            if g in hosted:  # copied out during backward (or, if it never fired, after it)
-                parts = [(s.offset, by_path[s.path]) for s in lay.slots if by_path[s.path] is not None]
-                grads[g] = _Parts(parts, lay.padded, t.dtype)
-                continue
-            flat = torch.zeros(lay.padded, dtype=t.dtype, device=t.device)
-            for path, v in lay.unpack(flat).items():
-                x = by_path.pop(path)  # each leaf's gradient goes as soon as it is packed
-                if x is not None:
-                    v.copy_(x)
-                del x
-            grads[g] = flat
-        return grads, loss.detach(), aux
+        del leaves
+        for g in b.layouts:  # groups with a leaf backward never reached, in the same order on every rank
+            if g not in done:
+                finish(g)
+        return {g: done[g] for g in b.layouts}, loss.detach(), aux
 
     # --- the update ----------------------------------------------------------------------------
     def finish_reduce(self, grads: dict, state: TrainState) -> dict:

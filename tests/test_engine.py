@@ -244,3 +244,47 @@ def test_tied_weights_and_buffers_across_stages():
         for k in ref:
             assert _rel(got[k], ref[k]) < 1e-10, (stage, k)
         assert torch.equal(scale, ref_model.scale), stage
+
+
+def _reduce_order(rank, world, stage):
+    """Events of one eager step: each gradient collective, and backward reaching blocks.0's input."""
+    import funzero._collectives as coll_mod
+    import funzero._step as step_mod
+
+    events = []
+    for name in ("reduce_scatter", "all_reduce"):
+        real = getattr(coll_mod, name)
+
+        def spy(x, *a, _real=real, _name=name, **k):
+            if k.get("tag") == "grad":
+                events.append(f"{_name} {x.numel()}")
+            return _real(x, *a, **k)
+
+        for mod in (coll_mod, step_mod):  # wherever the engine looks the collective up
+            setattr(mod, name, spy)
+    model = tiny_gpt()
+
+    def watch_input(module, args):
+        if args[0].requires_grad:
+            args[0].register_hook(lambda grad: events.append("grad at the input of blocks.0"))
+
+    model.blocks[0].register_forward_pre_hook(watch_input)
+    plan = fz.zero(stage, groups=GROUPS)
+    tx = fz.optim.adamw(1e-2)
+    state = fz.init(model, tx, plan, precision=fz.bf16())
+    fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
+    sizes = {g: lay.padded for g, lay in state.binding.layouts.items()}
+    return events, sizes
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_eager_reduces_each_group_as_soon_as_its_backward_is_done(stage):
+    """Stages 0 and 2 reduce blocks.1's gradient before backward reaches blocks.0, not all at the
+    end of backward (where the engine would run the backward of views made before forward)."""
+    events, sizes = run_world(_reduce_order, 2, stage)[0]
+    op = "reduce_scatter" if stage == 2 else "all_reduce"
+    grads = [e for e in events if e.startswith(op)]
+    assert len(grads) == len(sizes), events  # one collective per group
+    first = events.index(grads[0])
+    assert grads[0] == f"{op} {sizes['blocks.1']}", events  # the last block's group goes first
+    assert first < events.index("grad at the input of blocks.0"), events
