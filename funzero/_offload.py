@@ -78,7 +78,8 @@ class _Parts:
     of ``numel()`` elements whose other elements (padding) are zero.
 
     ``numel()``/``element_size()`` describe that flat gradient (what the memory model counts);
-    ``held_nbytes()`` is what the leaves' gradients hold, less by the padding.
+    ``held_nbytes()`` is what the leaves' gradients hold, less by the padding, and nothing once
+    their copy to the host is issued (they are dropped then).
     """
 
     def __init__(self, parts: list, numel: int, dtype: torch.dtype) -> None:
@@ -147,6 +148,10 @@ class HostUpdater:
                 dst.copy_(src, non_blocking=True)
                 src.record_stream(self.d2h)
             job.d2h[g] = self.d2h.record_event()
+        if isinstance(x, _Parts):
+            # The leaves' gradients may go now: record_stream keeps their memory from reuse until
+            # the copy has read them, and nothing else reads them.
+            x.parts = []
 
     def _to_params(self, g: str, dst: torch.Tensor) -> None:
         src = self.stage[g]

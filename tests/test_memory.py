@@ -127,7 +127,7 @@ def test_estimate_equals_the_bytes_the_engine_holds(tmp_path):
                 where = (n, rank, stage, prec, opt, placement)
                 assert dict(est.state) == got["state"], where
                 assert est.grads == got["grads"], (where, est.grads, got["grads"])
-                assert 0 < got["grads_held"] <= got["grads"], where
+                assert got["grads_held"] <= got["grads"], where  # streamed leaves are dropped once copied
                 assert est.nvme == 2 * got["files"], (where, est.nvme, got["files"])  # + the update's copies
                 assert (got["files"] > 0) == bool(placement), where
                 if "peak_gathered" in got and n > 1 and not placement:
