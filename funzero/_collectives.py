@@ -187,6 +187,13 @@ def _reduce_input(grad: torch.Tensor, spec: CommSpec) -> torch.Tensor:
     return grad if spec.reduce_dtype is None else grad.to(spec.reduce_dtype)
 
 
+def reduce_grad(grad: torch.Tensor, spec: CommSpec, *, sharded: bool) -> torch.Tensor:
+    """A group's full gradient reduced over ``spec``'s axis in its reduce dtype: this rank's shard
+    (``sharded``: stages 2-3) or all of it (stage 0)."""
+    op = reduce_scatter if sharded else all_reduce
+    return op(_reduce_input(grad, spec), spec.mesh, spec.axis, tag="grad")
+
+
 class GatherShard(torch.autograd.Function):
     """Stage 3: forward all-gathers ``source`` (this rank's shard); backward reduce-scatters.
 
@@ -205,7 +212,7 @@ class GatherShard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        g = reduce_scatter(_reduce_input(grad, ctx.spec), ctx.spec.mesh, ctx.spec.axis, tag="grad")
+        g = reduce_grad(grad, ctx.spec, sharded=True)
         if ctx.run is not None:
             ctx.run.done(ctx.group)
         return g.to(ctx.anchor_dtype), None, None, None, None
@@ -225,8 +232,7 @@ class ScatterGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        g = reduce_scatter(_reduce_input(grad, ctx.spec), ctx.spec.mesh, ctx.spec.axis, tag="grad")
-        return g.to(ctx.anchor_dtype), None, None
+        return reduce_grad(grad, ctx.spec, sharded=True).to(ctx.anchor_dtype), None, None
 
 
 class AllReduceGrad(torch.autograd.Function):
@@ -243,5 +249,4 @@ class AllReduceGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        g = all_reduce(_reduce_input(grad, ctx.spec), ctx.spec.mesh, ctx.spec.axis, tag="grad")
-        return g.to(ctx.anchor_dtype), None, None
+        return reduce_grad(grad, ctx.spec, sharded=False).to(ctx.anchor_dtype), None, None

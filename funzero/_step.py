@@ -32,7 +32,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from funzero._collectives import AllReduceGrad, CommSpec, ScatterGrad, all_gather, all_reduce, reduce_scatter
+from funzero._collectives import (
+    AllReduceGrad,
+    CommSpec,
+    ScatterGrad,
+    all_gather,
+    all_reduce,
+    reduce_grad,
+)
 from funzero._gather import Stage3Hooks
 from funzero._plan import Plan
 from funzero._state import BINDINGS, TrainState
@@ -119,9 +126,7 @@ class _Engine:
         n = p.num_shards
         direct = not self.gathered and (n == 1 or not p.reduce_in_backward)
         prec = b.precision
-        # Reduced gradients arrive in the reduce dtype (fp32 by default under bf16: exact sums,
-        # and what the fp32 master wants); a rank that reduces nothing keeps the param dtype.
-        dtype = (prec.reduce_dtype or prec.param_dtype) if n > 1 else prec.param_dtype
+        dtype = _grad_dtype(prec, n)
         out = {}
         for g, lay in b.layouts.items():
             if direct:
@@ -140,7 +145,6 @@ class _Engine:
         ):
             return self.forward_backward_leaves(state, batch, loss_scale, hook)
         anchors = self.anchors(state)
-        n = p.num_shards
         leaves: dict[str, torch.Tensor] = {}
         if not self.gathered:
             for g, lay in b.layouts.items():
@@ -214,14 +218,8 @@ class _Engine:
                 for s, x in parts:
                     out[s.offset : s.offset + s.numel].copy_(x.reshape(-1))
                 del parts
-                if n > 1:  # as ScatterGrad / AllReduceGrad do in their backward
-                    red = out if self.spec.reduce_dtype is None else out.to(self.spec.reduce_dtype)
-                    del out
-                    if p.grads_sharded:
-                        red = reduce_scatter(red, p.mesh, p.axis, tag="grad")
-                    else:
-                        red = all_reduce(red, p.mesh, p.axis, tag="grad")
-                    out = red.to(prec.reduce_dtype or prec.param_dtype)
+                if n > 1:  # what ScatterGrad / AllReduceGrad do in their backward
+                    out = reduce_grad(out, self.spec, sharded=p.grads_sharded).to(_grad_dtype(prec, n))
             done[g] = out
             if g in hosted:
                 hook(g, out)
@@ -261,14 +259,13 @@ class _Engine:
     # --- the update ----------------------------------------------------------------------------
     def finish_reduce(self, grads: dict, state: TrainState) -> dict:
         """Stage 1 reduces once per optimizer step, here; the other stages did so in backward."""
-        p, b = self.plan, state.binding
+        p = self.plan
         if p.reduce_in_backward or p.num_shards == 1:
             return grads
-        rd = b.precision.reduce_dtype
         out = {}
         for g in list(grads):
             x = grads.pop(g)  # drop each full gradient as soon as its shard exists
-            out[g] = reduce_scatter(x if rd is None else x.to(rd), p.mesh, p.axis, tag="grad")
+            out[g] = reduce_grad(x, self.spec, sharded=True)
             del x
         return out
 
@@ -654,13 +651,16 @@ def _nvme_commit(store, pending, master, opt_state):
     return master, None if opt_state is None else optree.tree_map(swap, opt_state, namespace="funzero")
 
 
+def _grad_dtype(prec, n: int) -> torch.dtype:
+    """The dtype a group's gradient arrives in: reduced gradients in the reduce dtype (fp32 by
+    default under bf16: exact sums, and what the fp32 master wants); a rank that reduces nothing
+    keeps the param dtype."""
+    return (prec.reduce_dtype or prec.param_dtype) if n > 1 else prec.param_dtype
+
+
 def _host_groups(b) -> list[str]:
     """The groups whose optimizer state lives in host memory or files: the host updates them."""
     return [g for g in b.layouts if b.placement.offloaded("opt_state", g)]
-
-
-def _leaf_grad(on_grad, slot, grad: torch.Tensor) -> None:
-    on_grad(grad, slot)  # returns None: the gradient itself is unchanged
 
 
 def _stream_grad(hook, g: str, grad: torch.Tensor) -> None:
