@@ -89,9 +89,7 @@ def validate_placement(placement: Mapping, stage: int) -> dict:
         if key not in _TARGETS:
             raise ValueError(f"placement key {key!r} is not one of {_TARGETS}")
         rules = _rules(key, where)
-        for _, w in rules:
-            if not isinstance(w, str):
-                raise ValueError(f"placement[{key!r}] must be a string, got {w!r}")
+        for _, w in rules:  # _rules has checked that each target is a string
             kind, _ = _parse(w)
             if kind in _HOST and key == "opt_state" and stage == 0:
                 raise ValueError(
