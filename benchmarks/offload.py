@@ -16,10 +16,17 @@ the timed steps). Peers in this run:
                      the rest on the host (DeepSpeed's partial offload, "Offload++", as rules)
   ...-dpu            with ZeRO-Offload's one-step delayed parameter update (``delayed_update=True``;
                      changes the numerics, so its loss is not comparable step for step)
+  ...-async          ``zero(..., async_update=True)``: the step returns while the host update
+                     runs; the next forward waits for each group's new parameters as it reaches
+                     the group (exact: the same numbers)
+  ...-cb             every transformer block compiled on its own (``block.compile()``; the step
+                     stays eager, so gradients still stream during backward); ``ds-zero2-offload-cb``
+                     is DeepSpeed on the same compiled blocks
   --adam             host AdamW alone, Gparam/s: DeepSpeedCPUAdam (fp32 grads), torch fused
                      (``torch.optim.AdamW(fused=True)``, fp32 grads), funzero's host kernel (bf16
                      grads in, bf16 params out)
-Peak memory is GPU memory (``max_memory_allocated``); host memory is read from /proc (RSS).
+Peak memory is GPU memory (``max_memory_allocated`` above what earlier systems in the process left
+allocated); host memory is read from /proc (RSS).
 """
 
 from __future__ import annotations
@@ -57,13 +64,17 @@ def gpu_share(k: int) -> list[tuple[str, str]]:
 
 
 def run(system, cfg, batch, args, device, placement=None):
+    # What earlier systems left allocated (DeepSpeed keeps some after its engine is dropped) is
+    # not this system's: peaks are counted above it.
+    base = torch.cuda.memory_allocated()
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, cfg.vocab_size, (args.steps, batch, args.seq + 1), generator=g).to(device)
     data = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    if system == "ds-zero2-offload":
-        step = ts.deepspeed_system(cfg, data, device, 2, batch, offload=True)
+    cb = "-cb" in system
+    if system.startswith("ds-zero2-offload"):
+        step = ts.deepspeed_system(cfg, data, device, 2, batch, offload=True, compile_blocks=cb)
     else:
         stage = int(system[2])
         placement = placement or {"opt_state": "cpu"}
@@ -71,7 +82,8 @@ def run(system, cfg, batch, args, device, placement=None):
         if share:
             placement = {"opt_state": gpu_share(int(share.group(1)))}
         step = ts.funzero_system(cfg, data, device, stage, compiled="compile" in system,
-                                 placement=placement, delayed_update="-dpu" in system)
+                                 placement=placement, delayed_update="-dpu" in system, compile_blocks=cb,
+                                 async_update="-async" in system)
     losses = []
     warm = args.steps - args.timed
     for i in range(warm):
@@ -88,7 +100,8 @@ def run(system, cfg, batch, args, device, placement=None):
     n = sum(p.numel() for p in ts.GPT(cfg).parameters()) if cfg.n_layer <= 48 and cfg.n_embd <= 1600 else None
     return dict(
         system=system, layers=cfg.n_layer, width=cfg.n_embd, params=n, batch=batch, seq=args.seq, ms=ms,
-        tokens_per_s=batch * args.seq / (ms / 1e3), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        tokens_per_s=batch * args.seq / (ms / 1e3), peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30,
+        left_by_earlier_gib=base / 2**30,
         host_rss_gib=rss_gib(), loss_first=float(losses[0]), loss_last=float(losses[-1]), warmup_s=t_warm,
         finite=all(torch.isfinite(torch.as_tensor(float(x))) for x in losses),
     )
@@ -191,6 +204,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--largest", action="store_true", help="also train a ~6B GPT for 10 steps with CPU offload")
     p.add_argument("--largest-layers", type=int, default=29)
+    p.add_argument("--largest-system", default="fz2-eager-offload", help="the funzero system of the --largest run")
     p.add_argument("--nvme", default="", help="directory for an NVMe-offload run")
     p.add_argument("--nvme-model", default="gpt2-xl", help="GPT-2 preset of the NVMe run (gpt2-medium: 350M)")
     p.add_argument("--nvme-batch", type=int, default=8)
@@ -228,7 +242,7 @@ def main(argv=None):
         jobs.append(("fz2-eager-nvme", nv, args.nvme_batch, {"opt_state": f"nvme:{args.nvme}"}))
     if args.largest:
         big = GPTConfig(block_size=args.seq, n_layer=args.largest_layers, n_head=32, n_embd=4096)
-        jobs.append(("fz2-eager-offload-largest", big, 4, {"opt_state": "cpu"}))
+        jobs.append((f"{args.largest_system}-largest", big, 4, {"opt_state": "cpu"}))
     for system, c, batch, placement in jobs:
         ts.log(f"{system} ...")
         a = argparse.Namespace(**vars(args))

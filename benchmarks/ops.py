@@ -2,7 +2,7 @@
 against the strongest torch baselines, side by side in one process.
 
     python benchmarks/ops.py                      # everything (~3-4 min on an H100)
-    python benchmarks/ops.py --only adamw,ce      # sections: copy, adamw, norms, gelu, ce, quant
+    python benchmarks/ops.py --only adamw,ce      # sections: copy, adamw, norms, gelu, ce, quant, attention
     python benchmarks/ops.py --out runs/ops       # JSON lands in --out (default $OUT, else runs/)
     python benchmarks/ops.py --smoke              # tiny shapes on the CPU, kernels interpreted: checks the script
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 import funzero.ops as fo  # noqa: E402
 from funzero.ops import _adamw  # noqa: E402
 
-SECTIONS = ("copy", "adamw", "norms", "gelu", "ce", "quant")
+SECTIONS = ("copy", "adamw", "norms", "gelu", "ce", "quant", "attention")
 T0 = time.time()
 RESULTS: dict = {"checks": [], "timings": [], "notes": []}
 
@@ -402,6 +402,45 @@ def bench_gelu(cfg) -> None:
     free()
 
 
+# --------------------------------------------------------------------------- attention
+
+
+def bench_attention(cfg) -> None:
+    """Causal F.scaled_dot_product_attention per backend (torch's flash attention 2, cuDNN,
+    memory-efficient) at the GPT-2 shapes of train_step.py: which one GPTConfig.attention picks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if DEVICE.type != "cuda":
+        backends = {"math": SDPBackend.MATH}
+    for B, H, T, D in cfg["attention_shapes"]:
+        shape = f"B={B} H={H} T={T} hs={D}"
+        q, k, v = (torch.randn(B, H, T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        dy = torch.randn(B, H, T, D, device=DEVICE, dtype=torch.bfloat16)
+        flops = 4 * B * H * T * T * D / 2  # causal: half of QK^T and PV
+        want = None
+        for name, be in backends.items():
+            def fn(q, k, v, be=be):
+                with sdpa_kernel(be):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            try:
+                got = _fwd_bwd(fn, (q, k, v), dy)
+            except RuntimeError as e:  # a backend that cannot run this shape says so
+                RESULTS["notes"].append(f"attention {name} {shape}: {str(e)[:120]}")
+                continue
+            if want is None:
+                want = got
+            else:
+                _grads_close("attention", f"{name} vs first backend ({shape})", got, want, 2.0**-6)
+            _time_fwd_bwd("attention", f"sdpa {shape}", name, fn, (q, k, v), dy, 4 * B * H * T * D * 2)
+            t = {r["name"]: r for r in RESULTS["timings"]}
+            fb = t[f"sdpa {shape} fwd+bwd {name}"]
+            fb["tflops"] = 3.5 * flops / fb["ms"] / 1e9  # backward ~2.5x the forward's matmul work
+        del q, k, v, dy
+        free()
+
+
 # --------------------------------------------------------------------------- cross-entropy
 
 
@@ -512,6 +551,7 @@ def bench_quant(cfg) -> None:
 
 FULL = dict(
     copy_numel=1 << 30,  # 4 GiB fp32
+    attention_shapes=[(16, 16, 1024, 64), (8, 25, 1024, 64)],  # GPT-2 350M B=16, 1.5B B=8
     gpt2=(48, 1600, 50304, 1024),
     adamw_check_numel=10_000_003,
     adamw_sweep=[(1024, 4, 0), (2048, 4, 0), (2048, 8, 0), (4096, 8, 0), (8192, 8, 0),
@@ -525,6 +565,7 @@ SMALL = dict(  # --smoke: the script's logic on the CPU through the interpreter
     copy_numel=1 << 16, gpt2=(2, 64, 512, 64), adamw_check_numel=1003, adamw_sweep=[],
     norm_check_shape=(9, 160), norm_shape=(16, 160), gelu_check_shape=(9, 640), gelu_shape=(16, 640),
     ce_check_shape=(7, 1000), ce_shape=(8, 1000), ce_lm_head_d=64, quant_check_numel=10_003, quant_numel=1 << 16,
+    attention_shapes=[(2, 2, 64, 16)],
 )
 
 

@@ -46,10 +46,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_model(cfg: GPTConfig, device) -> GPT:
+def make_model(cfg: GPTConfig, device, compile_blocks: bool = False) -> GPT:
+    """The GPT on ``device``; ``compile_blocks`` compiles each transformer block on its own
+    (``nn.Module.compile``): inductor's kernels and its activation choices inside a block, while
+    the step around the model stays eager (every block shares one compiled graph)."""
     torch.manual_seed(0)
     with torch.device(device):
-        return GPT(cfg)
+        model = GPT(cfg)
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    return model
 
 
 # --- systems: each returns (step(i) -> loss tensor, cleanup) ------------------------------------
@@ -70,11 +77,11 @@ def torch_system(cfg, data, device, compiled: bool):
     return step
 
 
-def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool = False):
+def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool = False, compile_blocks: bool = False):
     """DeepSpeed's engine; ``offload`` moves the optimizer to the CPU with its DeepSpeedCPUAdam."""
     import deepspeed
 
-    model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
+    model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device, compile_blocks)
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}
     if offload:
@@ -102,9 +109,11 @@ def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool
     return step
 
 
-def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None, delayed_update=False):
-    model = make_model(cfg, device)
-    plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {}, delayed_update=delayed_update)
+def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None, delayed_update=False,
+                   compile_blocks: bool = False, async_update: bool = False):
+    model = make_model(cfg, device, compile_blocks)
+    plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {}, delayed_update=delayed_update,
+                   async_update=async_update)
     tx = fz.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
     state = fz.init(model, tx, plan, precision=fz.bf16() if device.type == "cuda" else fz.fp32())
     gc.collect()

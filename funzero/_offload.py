@@ -35,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import queue
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -54,23 +55,65 @@ def _threads() -> int:
 
 
 class _Job:
-    """One step's host update: groups go in when their gradient copy is issued, come out updated."""
+    """One step's host update: groups go in when their gradient copy is issued, come out updated.
 
-    def __init__(self, groups: list[str]) -> None:
+    ``order`` (group -> position in forward), when given, makes the worker take, among the
+    groups whose gradient is on the host, the one the next forward needs first (the async
+    update); otherwise groups update in the order their copies were issued.
+    """
+
+    def __init__(self, groups: list[str], order: dict[str, int] | None = None) -> None:
         self.groups = groups
+        self.order = order
         self.issued: set[str] = set()
-        self.ready: queue.SimpleQueue = queue.SimpleQueue()  # gradient copy issued
+        self.avail: list = []  # gradient copy issued, not yet taken by the worker
+        self.cond = threading.Condition()
         self.done: queue.SimpleQueue = queue.SimpleQueue()  # updated, in completion order
         self.d2h: dict[str, torch.cuda.Event] = {}
         self.error: BaseException | None = None
 
+    def put(self, g: str | None) -> None:
+        """``g``'s gradient copy is issued (``None``: the step failed, stop waiting)."""
+        with self.cond:
+            self.avail.append(g)
+            self.cond.notify()
+
+    def take(self) -> str | None:
+        with self.cond:
+            while not self.avail:
+                self.cond.wait()
+            if self.order is None or None in self.avail:
+                g = None if None in self.avail else self.avail[0]
+            else:
+                def key(h):
+                    ev = self.d2h.get(h)
+                    return (ev is not None and not ev.query(), self.order[h])
+
+                g = min(self.avail, key=key)
+            self.avail.remove(g)
+            return g
+
+    def next_done(self) -> str:
+        """The next group whose update finished (raises the worker's exception)."""
+        g = self.done.get()
+        if self.error is not None:
+            raise RuntimeError("the host optimizer update failed") from self.error
+        return g
+
     def completed(self):
-        """Each group once, as its update finishes (raises the worker's exception)."""
+        """Each group once, as its update finishes."""
         for _ in self.groups:
-            g = self.done.get()
-            if self.error is not None:
-                raise RuntimeError("the host optimizer update failed") from self.error
-            yield g
+            yield self.next_done()
+
+
+class _Ahead:
+    """An async update still running: its groups' parameters are copied in as the next forward
+    reaches them (:meth:`HostUpdater.wait_group`)."""
+
+    def __init__(self, job: _Job, params: dict, gather: Callable[[str], None] | None) -> None:
+        self.job, self.params, self.gather = job, params, gather
+        self.copied: set[str] = set()  # copy to the device issued
+        self.ready: set[str] = set()  # and waited for by the device stream (and gathered)
 
 
 class _Parts:
@@ -110,6 +153,7 @@ class HostUpdater:
         self.job: _Job | None = None  # a delayed update whose parameters are not copied in yet
         self.job_params: dict[str, torch.Tensor] = {}
         self.live: _Job | None = None  # an update streaming from inside backward
+        self.ahead: _Ahead | None = None  # an async update the next forward waits for per group
         self.finish: Callable[[], None] | None = None  # after copying in (stages 1-2: all-gather)
 
     @staticmethod
@@ -171,15 +215,15 @@ class HostUpdater:
             self.stage[g] = self._stage_for(param, delayed)
         self._to_host(g, grad, job)
         job.issued.add(g)
-        job.ready.put(g)
+        job.put(g)
 
-    def begin(self, groups: list[str], params: dict[str, torch.Tensor], update) -> Callable:
+    def begin(self, groups: list[str], params: dict[str, torch.Tensor], update, order=None) -> Callable:
         """Stream this step's update from inside backward (not with ``delayed``).
 
         Returns ``hook(g, grad)`` to call as each group's gradient becomes final; :meth:`run`
-        then only copies the parameters back as groups finish.
+        then only copies the parameters back as groups finish. ``order``: see :class:`_Job`.
         """
-        job = self.live = _Job(list(groups))
+        job = self.live = _Job(list(groups), order)
         self.pool.submit(self._work, job, update)
 
         hosted = set(groups)
@@ -195,7 +239,7 @@ class HostUpdater:
 
         def abort() -> None:
             self.live = None
-            job.ready.put(None)
+            job.put(None)
 
         hook.abort = abort
         return hook
@@ -209,6 +253,8 @@ class HostUpdater:
         delayed: bool,
         finish: Callable[[], None] | None = None,
         meanwhile: Callable[[], None] | None = None,
+        ahead: Callable[[str], None] | bool = False,
+        order: dict[str, int] | None = None,
     ) -> None:
         """Update every group of ``grads`` on the host and refresh ``params`` from the result.
 
@@ -219,7 +265,11 @@ class HostUpdater:
         whenever new parameters have been copied in (here, and in :meth:`sync`).
         ``meanwhile()`` runs once the gradient copies are issued, before waiting for the host: the
         update of groups whose state is on the device (never delayed).
+        With ``ahead`` (the async update) this returns once the update is under way; the next
+        forward calls :meth:`wait_group` per group (``ahead`` may be ``gather(g)``, what
+        ``finish`` does for one group, run once the group's parameters are in).
         """
+        self.drain_ahead()  # groups the last forward did not reach
         if self.cuda:
             after_backward = torch.cuda.current_stream().record_event()
             self.d2h.wait_event(after_backward)
@@ -232,7 +282,7 @@ class HostUpdater:
                     self._issue(job, g, grads[g], params[g], False)
         else:
             prev, self.job = self.job, None
-            job = _Job(list(grads))
+            job = _Job(list(grads), order if ahead else None)
             if prev is not None:  # delayed: in the order the previous update finished groups
                 copied_in = True
                 for g in prev.completed():
@@ -247,6 +297,10 @@ class HostUpdater:
             meanwhile()
         if delayed:
             self.job, self.job_params = job, dict(params)
+        elif ahead:
+            self.ahead = _Ahead(job, dict(params), ahead if callable(ahead) else None)
+            self.finish = None
+            return
         else:
             for g in job.completed():
                 self._to_params(g, params[g])
@@ -269,7 +323,7 @@ class HostUpdater:
         try:
             with ops.host_threads(self.threads):
                 for _ in job.groups:
-                    g = job.ready.get()
+                    g = job.take()
                     if g is None:  # the step failed before backward finished
                         return
                     ev = job.d2h.get(g)
@@ -285,8 +339,35 @@ class HostUpdater:
             for _ in job.groups:
                 job.done.put(None)
 
+    def wait_group(self, g: str) -> None:
+        """The async update's group ``g``: wait for its host update, copy its parameters in (and
+        those of every group finished before it), and make the device stream wait for the copy.
+        Called by the next forward just before the group's parameters are first used."""
+        a = self.ahead
+        if a is None or g not in a.params or g in a.ready:
+            return
+        while g not in a.copied:
+            h = a.job.next_done()
+            self._to_params(h, a.params[h])
+            a.copied.add(h)
+        if self.cuda and g in self.h2d_done:
+            torch.cuda.current_stream().wait_event(self.h2d_done[g])
+        if a.gather is not None:
+            a.gather(g)
+        a.ready.add(g)
+        if len(a.ready) == len(a.params):
+            self.ahead = None
+
+    def drain_ahead(self) -> None:
+        """Finish the async update: every group, in the order of its parameters."""
+        a = self.ahead
+        if a is not None:
+            for g in list(a.params):
+                self.wait_group(g)
+
     def sync(self) -> None:
-        """Finish a delayed update: wait for it and copy its parameters in."""
+        """Finish a delayed or async update: wait for it and copy its parameters in."""
+        self.drain_ahead()
         job, self.job = self.job, None
         if job is None:
             return
@@ -299,10 +380,11 @@ class HostUpdater:
 
 
 def sync(state):
-    """Wait for work a step left running (the delayed host update); returns ``state``.
+    """Wait for work a step left running (the delayed or async host update); returns ``state``.
 
-    Needed only with ``zero(..., delayed_update=True)`` before reading ``state.master`` or
-    ``state.opt_state`` yourself; ``save_state`` and ``gather_params`` call it. A collective in
+    Needed only with ``zero(..., delayed_update=True)`` or ``async_update=True`` before reading
+    ``state.params``, ``state.master`` or ``state.opt_state`` yourself; ``save_state`` and
+    ``gather_params`` call it. A collective in
     stages 1-2 on several ranks (the new parameter shards are all-gathered): call it on every rank.
     """
     up = _UPDATERS.get(id(state.binding))

@@ -39,6 +39,7 @@ class Plan:
     leaf_align: int = 16
     shard_align: int = 64
     delayed_update: bool = False
+    async_update: bool = False
 
     @property
     def num_shards(self) -> int:
@@ -101,6 +102,7 @@ def zero(
     leaf_align: int = 16,
     shard_align: int = 64,
     delayed_update: bool = False,
+    async_update: bool = False,
 ) -> Plan:
     """The plan for ZeRO ``stage`` on ``mesh``.
 
@@ -126,6 +128,12 @@ def zero(
             parameter update: step t's host update overlaps step t+1's forward and backward, so
             each gradient is taken at the parameters from before the previous update. Changes
             the numerics; off by default. See ``funzero._offload``.
+        async_update: with optimizer state in host memory, the step returns while its host
+            update still runs, and the next step's forward waits for each group's new
+            parameters just before the group's first module runs: the update overlaps the next
+            forward. Exact (the same numbers as without it). The state's params, master and
+            optimizer state are final only after :func:`funzero.sync` (which ``save_state`` and
+            ``gather_params`` call) or after the next step. Off by default.
 
     Example:
         >>> plan = zero(3, groups=[r"blocks\\.(\\d+)\\."])
@@ -148,7 +156,14 @@ def zero(
             f"delayed_update=True needs placement opt_state='cpu' (it overlaps the host update with "
             f"the next step), got placement={placement!r}"
         )
-    return Plan(stage, mesh, axis, groups, rest, placement, batch, leaf_align, shard_align, bool(delayed_update))
+    if async_update and ("cpu" not in opt_where or any(w.startswith("nvme:") for w in opt_where) or delayed_update):
+        raise ValueError(
+            "async_update=True needs placement opt_state='cpu' (or rules with 'cpu' and no 'nvme:') "
+            f"and no delayed_update (which is asynchronous already), got placement={placement!r}, "
+            f"{delayed_update=}"
+        )
+    return Plan(stage, mesh, axis, groups, rest, placement, batch, leaf_align, shard_align, bool(delayed_update),
+                bool(async_update))
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,8 @@ class _Engine:
             (n == 1 and hook is not None) or (n > 1 and p.reduce_in_backward)
         ):
             return self.forward_backward_leaves(state, batch, loss_scale, hook)
+        if p.async_update:
+            _finish_async(b)  # this forward cannot wait group by group
         anchors = self.anchors(state)
         leaves: dict[str, torch.Tensor] = {}
         if not self.gathered:
@@ -237,12 +239,15 @@ class _Engine:
             for slot in lay.slots:
                 leaves[slot.path].register_hook(functools.partial(on_grad, g, slot))
         model = self.model
+        waits = self.async_waits(b) if p.async_update else []
 
         def apply(*args, **kwargs):
             return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
 
         try:
             out = self.loss_fn(apply, batch)
+            for h in waits:
+                h.remove()
             loss, aux = out if self.has_aux else (out, None)
             scaled = loss * loss_scale if loss_scale is not None else loss
             torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
@@ -250,11 +255,47 @@ class _Engine:
             if hook is not None:
                 hook.abort()
             raise
+        finally:
+            for h in waits:
+                h.remove()
         del leaves
         for g in b.layouts:  # groups with a leaf backward never reached, in the same order on every rank
             if g not in done:
                 finish(g)
         return {g: done[g] for g in b.layouts}, loss.detach(), aux
+
+    def async_waits(self, b) -> list:
+        """With an async update still running: a forward pre-hook on every module that owns a
+        parameter (tied names included) waits for its groups' new parameters (returns the hooks'
+        handles; none when nothing is pending)."""
+        from funzero._offload import _UPDATERS
+
+        up = _UPDATERS.get(id(b))
+        if up is None or up.ahead is None:
+            return []
+        if getattr(self, "_owners", (None,))[0] is not b:
+            group_of = {s.path: g for g, lay in b.layouts.items() for s in lay.slots}
+            named = list(self.model.named_parameters(remove_duplicate=False))
+            laid_out = {id(t): group_of[name] for name, t in named if name in group_of}  # tied: one name
+            owners: dict[str, list] = {}
+            for name, t in named:
+                g = group_of.get(name, laid_out.get(id(t)))
+                mod = owners.setdefault(name.rpartition(".")[0], [])
+                if g is not None and g not in mod:
+                    mod.append(g)
+            waits = []
+            for mod, groups in owners.items():
+                if not groups:
+                    continue
+
+                @torch.compiler.disable  # a compiled module: a graph break here, not a traced wait
+                def wait(module, args, groups=tuple(groups)):
+                    for g in groups:
+                        up.wait_group(g)
+
+                waits.append((self.model.get_submodule(mod), wait))
+            self._owners = (b, waits)
+        return [m.register_forward_pre_hook(fn) for m, fn in self._owners[1]]
 
     # --- the update ----------------------------------------------------------------------------
     def finish_reduce(self, grads: dict, state: TrainState) -> dict:
@@ -342,6 +383,9 @@ class _Engine:
         if p.opt_sharded and not p.params_sharded and p.num_shards > 1:
             self.gather_updated(b, state.params)
         return new_opt, master, new_params
+
+    def gather_one(self, b, params: dict, g: str) -> None:
+        self.gather_updated(b, {g: params[g]})
 
     def gather_updated(self, b, params: dict) -> None:
         """Stages 1-2 hold full params: every rank gathers the updated shards, in place."""
@@ -464,7 +508,8 @@ class _Engine:
         b = state.binding
         params_own = {g: p.opt_view(t, b.layouts[g]) for g, t in state.params.items()}
         update = self.group_update(state, parts[1], parts[2], None, None)
-        return HostUpdater.of(b, b.placement.compute).begin(_host_groups(b), params_own, update)
+        order = _forward_order(b) if p.async_update else None
+        return HostUpdater.of(b, b.placement.compute).begin(_host_groups(b), params_own, update, order)
 
     @torch.compiler.disable
     def host_update(self, state: TrainState, grads: dict, opt_state: Any, grad_scale, found_inf, parts):
@@ -507,9 +552,12 @@ class _Engine:
             if gather:
                 self.gather_updated(b, {g: state.params[g] for g in on_device})
 
+        ahead = False
+        if p.async_update:
+            ahead = functools.partial(self.gather_one, b, state.params) if gather else True
         HostUpdater.of(b, b.placement.compute).run(
             {g: grads[g] for g in hosted}, {g: params_own[g] for g in hosted}, update,
-            delayed=p.delayed_update, finish=finish, meanwhile=meanwhile,
+            delayed=p.delayed_update, finish=finish, meanwhile=meanwhile, ahead=ahead, order=_forward_order(b),
         )
         if self.swaps:  # NVMe: the new state maps the renamed files
             swaps, self.swaps = self.swaps, {}
@@ -656,6 +704,21 @@ def _grad_dtype(prec, n: int) -> torch.dtype:
     default under bf16: exact sums, and what the fp32 master wants); a rank that reduces nothing
     keeps the param dtype."""
     return (prec.reduce_dtype or prec.param_dtype) if n > 1 else prec.param_dtype
+
+
+def _forward_order(b) -> dict[str, int]:
+    """Each group's position in forward: the order of its parameters in the model (the usual
+    model registers its modules in the order forward runs them)."""
+    return {g: i for i, g in enumerate(b.layouts)}
+
+
+@torch.compiler.disable
+def _finish_async(b) -> None:
+    from funzero._offload import _UPDATERS
+
+    up = _UPDATERS.get(id(b))
+    if up is not None:
+        up.drain_ahead()
 
 
 def _host_groups(b) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import optree
 import pytest
@@ -171,14 +172,16 @@ def _tx(name):
     return optim.chain(optim.clip_by_global_norm(0.05), tx) if name.endswith("+clip") else tx
 
 
-def _pipelined(rank, world, cases, steps, delayed):
+def _pipelined(rank, world, cases, steps, mode):
+    delayed = mode == "delayed"
     out = {}
     for stage, placement, prec in cases:
         runs = {}
         lagged = set()  # the groups a delayed update lags: those the host updates
         for name, pl, dpu in (("placed", placement, delayed), ("default", {}, False)):
             model = tiny_gpt()
-            plan = fz.zero(stage, groups=GROUPS, placement=pl, delayed_update=dpu)
+            plan = fz.zero(stage, groups=GROUPS, placement=pl, delayed_update=dpu,
+                           async_update=mode == "async" and name == "placed")
             tx = _tx(prec)
             state = fz.init(model, tx, plan, precision=_precision(prec))
             step = fz.train_step(model, lm_loss, tx, plan)
@@ -208,11 +211,12 @@ def _pipelined(rank, world, cases, steps, delayed):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("delayed", [False, True])
-def test_pipelined_host_update_is_bit_identical(world, delayed):
-    """Pipelined: same bits as the device-placed step. Delayed: same bits as the device-placed step
-    fed the parameters from before the previous update (ZeRO-Offload's DPU, emulated)."""
-    res = run_world(_pipelined, world, PIPE_CASES, 4, delayed)[0]
+@pytest.mark.parametrize("mode", ["exact", "delayed", "async"])
+def test_pipelined_host_update_is_bit_identical(world, mode):
+    """Pipelined and async: same bits as the device-placed step. Delayed: same bits as the
+    device-placed step fed the parameters from before the previous update (ZeRO-Offload's DPU,
+    emulated)."""
+    res = run_world(_pipelined, world, PIPE_CASES, 4, mode)[0]
     for key, runs in res.items():
         want, _, want_params, want_step = runs["default"]
         got, misplaced, got_params, got_step = runs["placed"]
@@ -402,3 +406,63 @@ def test_a_group_leaves_as_soon_as_its_backward_is_done(monkeypatch):
     fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
     assert events.index("issue blocks.1") < events.index("grad at the input of blocks.0"), events
     assert sorted(e for e in events if e.startswith("issue")) == ["issue blocks.0", "issue blocks.1", "issue rest"]
+
+
+def test_async_update_overlaps_the_next_forward_and_waits_per_group(monkeypatch):
+    """async_update: the step returns while its host update runs; the next forward runs each
+    module only after its group's update (and copy in) is done, and starts before the whole
+    update is done."""
+    from funzero import _step
+
+    events = []
+    real = _step._Engine.group_update
+
+    def slow(self, *a, **k):
+        update = real(self, *a, **k)
+
+        def timed(g, grad, out):
+            time.sleep(0.2)
+            update(g, grad, out)
+            events.append(f"updated {g}")
+
+        return timed
+
+    monkeypatch.setattr(_step._Engine, "group_update", slow)
+    for async_update in (False, True):
+        events.clear()
+        model = tiny_gpt()
+        for name in ("wte", "blocks.0", "blocks.1"):
+            model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: events.append(f"forward {name}"))
+        plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"}, async_update=async_update)
+        tx = optim.adamw(1e-2)
+        state = fz.init(model, tx, plan, precision=fz.bf16())
+        step = fz.train_step(model, lm_loss, tx, plan)
+        b = batches(2)
+        state, _ = step(state, b[0])
+        events.append("returned")
+        first = events.index("returned")
+        state, _ = step(state, b[1])
+        fz.sync(state)
+        second = events[first + 1 :]
+        updated_first = [e for e in events[:first] + second if e.startswith("updated")][:3]
+        assert sorted(updated_first) == ["updated blocks.0", "updated blocks.1", "updated rest"]
+        if not async_update:
+            assert all(e.startswith("forward") or e.startswith("updated") for e in events[:first])
+            assert sum(e.startswith("updated") for e in events[:first]) == 3  # all done before return
+            continue
+        assert sum(e.startswith("updated") for e in events[:first]) < 3, events  # returned early
+        # each module of the second forward runs after its own group's first update ...
+        for mod, g in (("wte", "rest"), ("blocks.0", "blocks.0"), ("blocks.1", "blocks.1")):
+            assert events.index(f"updated {g}") < events.index(f"forward {mod}", first), (mod, events)
+        # ... and the second forward starts before the first update is over
+        last_update = max(events.index(e) for e in updated_first)
+        assert events.index("forward wte", first) < last_update, events
+
+
+def test_async_update_errors_name_the_problem():
+    with pytest.raises(ValueError, match="async_update=True needs placement opt_state='cpu'"):
+        fz.zero(2, async_update=True)
+    with pytest.raises(ValueError, match="async_update=True needs .* got placement=.*nvme"):
+        fz.zero(2, placement={"opt_state": "nvme:/tmp"}, async_update=True)
+    with pytest.raises(ValueError, match="delayed_update=True"):
+        fz.zero(2, placement={"opt_state": "cpu"}, async_update=True, delayed_update=True)
