@@ -19,6 +19,9 @@ the timed steps). Peers in this run:
   ...-async          ``zero(..., async_update=True)``: the step returns while the host update
                      runs; the next forward waits for each group's new parameters as it reaches
                      the group (exact: the same numbers)
+  ...-ckK            activation checkpointing of blocks 0..K-1 (``GPTConfig(recompute=K)``): their
+                     activations are recomputed in backward, GPU memory that -gpuK can spend on
+                     optimizer state instead
   ...-cb             every transformer block compiled on its own (``block.compile()``; the step
                      stays eager, so gradients still stream during backward); ``ds-zero2-offload-cb``
                      is DeepSpeed on the same compiled blocks
@@ -73,6 +76,9 @@ def run(system, cfg, batch, args, device, placement=None):
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     cb = "-cb" in system
+    ck = re.search(r"-ck(\d+)", system)
+    if ck:
+        cfg = GPTConfig(**{**cfg.__dict__, "recompute": int(ck.group(1))})
     if system.startswith("ds-zero2-offload"):
         step = ts.deepspeed_system(cfg, data, device, 2, batch, offload=True, compile_blocks=cb)
     else:
@@ -90,6 +96,9 @@ def run(system, cfg, batch, args, device, placement=None):
         losses.append(step(i))
     torch.cuda.synchronize()
     t_warm = time.perf_counter() - t0
+    from funzero._offload import _UPDATERS
+
+    before = {k: sum(u.stats[k] for u in list(_UPDATERS.values())) for k in ("update_s", "forward_wait_s")}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for i in range(warm, args.steps):
@@ -97,13 +106,16 @@ def run(system, cfg, batch, args, device, placement=None):
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / args.timed
+    # funzero's host worker: ms per step updating groups, and ms per step the next forward waited
+    host = {f"host_{k[:-2]}_ms": (sum(u.stats[k] for u in list(_UPDATERS.values())) - before[k]) * 1e3 / args.timed
+            for k in before}
     n = sum(p.numel() for p in ts.GPT(cfg).parameters()) if cfg.n_layer <= 48 and cfg.n_embd <= 1600 else None
     return dict(
         system=system, layers=cfg.n_layer, width=cfg.n_embd, params=n, batch=batch, seq=args.seq, ms=ms,
         tokens_per_s=batch * args.seq / (ms / 1e3), peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30,
         left_by_earlier_gib=base / 2**30,
         host_rss_gib=rss_gib(), loss_first=float(losses[0]), loss_last=float(losses[-1]), warmup_s=t_warm,
-        finite=all(torch.isfinite(torch.as_tensor(float(x))) for x in losses),
+        finite=all(torch.isfinite(torch.as_tensor(float(x))) for x in losses), **host,
     )
 
 
@@ -266,13 +278,14 @@ def main(argv=None):
             else:
                 print(f"{r['system']:>42} {r['threads']:>8} {r['ms']:8.1f} {r['gparams_per_s']:9.2f}")
     plot(rows, os.path.join(args.out, "offload.png"))
-    head = f"{'system':>26} {'params':>8} {'ms/step':>9} {'tok/s':>8} {'GPU GiB':>8} {'host GiB':>9} {'loss0':>7} {'lossN':>7}"
+    head = (f"{'system':>26} {'params':>8} {'ms/step':>9} {'tok/s':>8} {'GPU GiB':>8} {'host GiB':>9} {'loss0':>7} "
+            f"{'lossN':>7} {'host upd ms':>11} {'fwd wait ms':>11}")
     print(head)
     for r in rows:
         if "error" in r:
             print(f"{r['system']:>26}  ERROR {r['error'][:90]}")
         else:
-            print(f"{r['system']:>26} {r['params'] / 1e9:7.2f}B {r['ms']:9.1f} {r['tokens_per_s']:8.0f} {r['peak_gib']:8.2f} {r['host_rss_gib']:9.1f} {r['loss_first']:7.3f} {r['loss_last']:7.3f}")
+            print(f"{r['system']:>26} {r['params'] / 1e9:7.2f}B {r['ms']:9.1f} {r['tokens_per_s']:8.0f} {r['peak_gib']:8.2f} {r['host_rss_gib']:9.1f} {r['loss_first']:7.3f} {r['loss_last']:7.3f} {r.get('host_update_ms', 0):11.1f} {r.get('host_forward_wait_ms', 0):11.1f}")
 
 
 if __name__ == "__main__":

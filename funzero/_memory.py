@@ -726,16 +726,16 @@ def gpt_activations(
     log-softmax (4 sbV) is saved instead of the logits and backward briefly holds two more fp32
     (s, b, V) tensors.
 
-    With ``checkpoint=True`` (every block recomputed in backward, as ``torch.utils.checkpoint``
-    around each block would do: our GPT does not do it yet) each block keeps only its input
-    (e sbh; Korthikanti's 2 sbh), and backward holds one recomputed block on top.
+    A recomputed block (``GPTConfig(recompute=K)``: the first K blocks; ``checkpoint=True``: all
+    of them) keeps only its input (e sbh; Korthikanti's 2 sbh), and backward holds one recomputed
+    block on top.
 
     Args:
         cfg: a ``GPTConfig`` or a ``GPT``.
         batch: sequences per rank (micro-batch).
         seq: tokens per sequence (default: ``cfg.block_size``).
         dtype: activation dtype (the parameter dtype: bf16 under ``funzero.bf16()``).
-        checkpoint: recompute blocks in backward.
+        checkpoint: recompute every block in backward (else the config's ``recompute`` blocks).
 
     Returns:
         An :class:`ActivationEstimate`.
@@ -772,14 +772,11 @@ def gpt_activations(
         head_bwd = 8 * sb * V + (e * sb * V if e != 4 else 0)
     # One block's backward: gradients of the (B, T, 4h) tensors (two at once) on top of its own.
     block_bwd = 8 * e * sbh
-    if checkpoint:
-        layers = L * e * sbh
-        backward = max(head_bwd, per_layer + block_bwd)
-        korthikanti = 2 * sbh * L
-    else:
-        layers = L * per_layer
-        backward = max(head_bwd, block_bwd)
-        korthikanti = L * (34 * sbh + 5 * a * s * s * b)
+    k = L if checkpoint else int(getattr(cfg, "recompute", 0))
+    layers = k * e * sbh + (L - k) * per_layer
+    backward = max(head_bwd, (per_layer if k else 0) + block_bwd)
+    korthikanti = k * 2 * sbh + (L - k) * (34 * sbh + 5 * a * s * s * b)
+    checkpoint = k == L
     return ActivationEstimate(
         batch=b, seq=s, num_layers=L, checkpoint=checkpoint, per_layer=per_layer,
         layers=layers, head=head, backward=backward, peak=layers + head + backward,

@@ -12,6 +12,15 @@ so the CPU update of group i overlaps the device-to-host copy of group i+1 and t
 copy of group i-1. The host update is the bottleneck of an offloaded step (it is bound by host
 memory bandwidth); everything else hides behind it.
 
+With ``zero(..., async_update=True)`` (exact) the step returns once the update is under way.
+The next forward waits group by group (:meth:`HostUpdater.wait_group`, from a forward pre-hook
+on each module that owns parameters): the group's update is done, its parameters are copied in,
+the device stream waits for that copy. The worker takes, among the groups whose gradient has
+landed, the one the next forward needs first, so the update overlaps the next forward:
+
+    worker thread   ... update g5 ─ update g0 ─ update g1 ─ update g2 ...
+    device stream   backward ─┘ (step returns) forward g0 ─ forward g1 ─ forward g2 ...
+
 With ``zero(..., delayed_update=True)`` (ZeRO-Offload's one-step delayed parameter update, off by
 default because it changes the numerics) the step does not wait for its own update: step t's
 update runs on the CPU while step t+1's forward and backward run on the device, and its new
@@ -36,6 +45,7 @@ import concurrent.futures as cf
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -154,6 +164,8 @@ class HostUpdater:
         self.job_params: dict[str, torch.Tensor] = {}
         self.live: _Job | None = None  # an update streaming from inside backward
         self.ahead: _Ahead | None = None  # an async update the next forward waits for per group
+        # seconds spent: by the worker updating groups, by the next forward waiting for them
+        self.stats = {"update_s": 0.0, "forward_wait_s": 0.0}
         self.finish: Callable[[], None] | None = None  # after copying in (stages 1-2: all-gather)
 
     @staticmethod
@@ -332,7 +344,9 @@ class HostUpdater:
                     ev = self.h2d_done.get(g)
                     if ev is not None:
                         ev.synchronize()  # the last copy out of the staging buffer has finished
+                    t0 = time.perf_counter()
                     update(g, self.grad_host[g], self.stage[g])
+                    self.stats["update_s"] += time.perf_counter() - t0
                     job.done.put(g)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             job.error = e
@@ -346,10 +360,12 @@ class HostUpdater:
         a = self.ahead
         if a is None or g not in a.params or g in a.ready:
             return
+        t0 = time.perf_counter()
         while g not in a.copied:
             h = a.job.next_done()
             self._to_params(h, a.params[h])
             a.copied.add(h)
+        self.stats["forward_wait_s"] += time.perf_counter() - t0
         if self.cuda and g in self.h2d_done:
             torch.cuda.current_stream().wait_event(self.h2d_done[g])
         if a.gather is not None:

@@ -131,7 +131,10 @@ def zero(
         async_update: with optimizer state in host memory, the step returns while its host
             update still runs, and the next step's forward waits for each group's new
             parameters just before the group's first module runs: the update overlaps the next
-            forward. Exact (the same numbers as without it). The state's params, master and
+            forward. Exact (the same numbers as without it). Per-group waits need an eager step
+            whose backward hands over per-leaf gradients (one rank without clipping, fp16 loss
+            scaling or accumulation, or stage 2 on several ranks, no stage-3 gathers); other
+            steps wait for the whole update at their start. The state's params, master and
             optimizer state are final only after :func:`funzero.sync` (which ``save_state`` and
             ``gather_params`` call) or after the next step. Off by default.
 

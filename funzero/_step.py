@@ -88,6 +88,7 @@ class _Engine:
         self.hooks: Stage3Hooks | None = None
         self.binding = None
         self.swaps: dict[int, torch.Tensor] = {}  # NVMe leaves renamed by this step's host update
+        self.waits: tuple = (None, [])  # (binding, [(module, pre-hook)]) for async_update
 
     def prepare(self, state: TrainState) -> None:
         if self.binding is not state.binding:
@@ -273,7 +274,7 @@ class _Engine:
         up = _UPDATERS.get(id(b))
         if up is None or up.ahead is None:
             return []
-        if getattr(self, "_owners", (None,))[0] is not b:
+        if self.waits[0] is not b:
             group_of = {s.path: g for g, lay in b.layouts.items() for s in lay.slots}
             named = list(self.model.named_parameters(remove_duplicate=False))
             laid_out = {id(t): group_of[name] for name, t in named if name in group_of}  # tied: one name
@@ -294,8 +295,8 @@ class _Engine:
                         up.wait_group(g)
 
                 waits.append((self.model.get_submodule(mod), wait))
-            self._owners = (b, waits)
-        return [m.register_forward_pre_hook(fn) for m, fn in self._owners[1]]
+            self.waits = (b, waits)
+        return [m.register_forward_pre_hook(fn) for m, fn in self.waits[1]]
 
     # --- the update ----------------------------------------------------------------------------
     def finish_reduce(self, grads: dict, state: TrainState) -> dict:

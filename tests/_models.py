@@ -61,3 +61,17 @@ def torch_reference(model: torch.nn.Module, data, *, lr=1e-2, weight_decay=0.1, 
                     p.grad.mul_(clip / norm)
         opt.step()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def train_tiny(model: GPT, steps: int, **plan_kw):
+    """``steps`` of funzero stage 2 with AdamW and bf16 on ``model``; returns ``(state, plan)``."""
+    import funzero as fz
+    from funzero import optim
+
+    plan = fz.zero(2, groups=GROUPS, **plan_kw)
+    tx = optim.adamw(1e-2)
+    state = fz.init(model, tx, plan, precision=fz.bf16())
+    step = fz.train_step(model, lm_loss, tx, plan)
+    for b in batches(steps):
+        state, _ = step(state, b)
+    return state, plan

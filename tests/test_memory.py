@@ -238,10 +238,11 @@ def _saved_bytes(model: GPT, batch: int, seq: int) -> int:
     return sum(v for k, v in seen.items() if k not in params)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_activation_formula_matches_what_autograd_saves(fused):
-    """fp32 on the CPU, where SDPA runs a flash kernel too: within the loss's per-row lse."""
-    cfg = GPTConfig(block_size=64, vocab_size=96, n_layer=3, n_head=4, n_embd=64, fused=fused)
+@pytest.mark.parametrize("fused,recompute", [(False, 0), (True, 0), (True, 2)])
+def test_activation_formula_matches_what_autograd_saves(fused, recompute):
+    """fp32 on the CPU, where SDPA runs a flash kernel too: within the loss's per-row lse. A
+    recomputed block saves only its input."""
+    cfg = GPTConfig(block_size=64, vocab_size=96, n_layer=3, n_head=4, n_embd=64, fused=fused, recompute=recompute)
     torch.manual_seed(0)
     got = _saved_bytes(GPT(cfg), 2, 64)
     est = gpt_activations(cfg, batch=2, seq=64, dtype=torch.float32)
@@ -258,6 +259,10 @@ def test_activation_estimate_shape_and_checkpointing():
     assert a.per_layer < 34 * s * b * h < a.korthikanti / 12  # no dropout masks, no (T, T) scores
     c = gpt_activations(cfg, batch=8, seq=1024, checkpoint=True)
     assert c.layers == 12 * 2 * s * b * h and c.peak < a.peak
+    part = gpt_activations(GPTConfig(n_layer=12, n_head=12, n_embd=768, recompute=5), batch=8, seq=1024)
+    assert part.layers == 5 * 2 * s * b * h + 7 * a.per_layer and c.peak < part.peak < a.peak
+    assert not part.checkpoint and gpt_activations(GPTConfig(n_layer=12, n_head=12, n_embd=768, recompute=12),
+                                                   batch=8, seq=1024) == c
     assert gpt_activations(cfg, batch=8, seq=1024, dtype=torch.float32).per_layer > a.per_layer
 
 

@@ -13,7 +13,7 @@ import funzero as fz
 from funzero import optim
 from funzero._placement import NvmeStore, group_of_path
 from tests._dist import run_world
-from tests._models import GROUPS, batches, lm_loss, tiny_gpt
+from tests._models import GROUPS, batches, lm_loss, tiny_gpt, train_tiny
 
 CASES = [  # (stage, placement) for every stage where the offload makes sense
     (1, {"opt_state": "cpu"}),
@@ -231,13 +231,7 @@ def test_delayed_update_changes_the_trajectory_and_sync_is_needed():
     """The emulation above could pass vacuously if 'delayed' did nothing: it must differ."""
     finals = {}
     for dpu in (False, True):
-        model = tiny_gpt()
-        plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"}, delayed_update=dpu)
-        tx = optim.adamw(1e-2)
-        state = fz.init(model, tx, plan, precision=fz.bf16())
-        step = fz.train_step(model, lm_loss, tx, plan)
-        for b in batches(3):
-            state, _ = step(state, b)
+        state, plan = train_tiny(tiny_gpt(), 3, placement={"opt_state": "cpu"}, delayed_update=dpu)
         before = [t.clone() for t in state.params.values()]
         fz.sync(state)
         changed = any(not torch.equal(a, b) for a, b in zip(before, state.params.values()))

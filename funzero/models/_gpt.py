@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["GPT", "GPTConfig", "gpt_config"]
 
@@ -29,8 +30,15 @@ class GPTConfig:
     # eager and compiled in time and memory; the norm and GeLU kernels lose to inductor's fused
     # code under torch.compile (benchmarks/NOTES.md), so compiled steps leave those to inductor.
     kernels: tuple[str, ...] = ("ce",)
+    # Activation checkpointing (Chen et al., 2016): the first `recompute` blocks keep only their
+    # input during forward and run forward again in backward. Costs one block forward each and
+    # frees that block's activations (~0.39 GiB per GPT-2 1.5B block at B=8, T=1024, bf16), memory
+    # an offloaded step can spend on optimizer state kept on the GPU (benchmarks/NOTES.md).
+    recompute: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.recompute <= self.n_layer:
+            raise ValueError(f"recompute must be between 0 and n_layer={self.n_layer}, got {self.recompute=}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd must be divisible by n_head, got {self.n_embd=}, {self.n_head=}")
         bad = set(self.kernels) - {"ce", "ce-inplace", "norm", "gelu"}
@@ -123,6 +131,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _recomputed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)``, its activations recomputed in backward. The recompute runs with the
+    parameter tensors this forward used, captured here: backward may run after a
+    ``functional_call`` that swapped them in has returned (as in funzero's step)."""
+    params = dict(block.named_parameters())
+
+    def run(x):
+        return torch.func.functional_call(block, params, (x,))
+
+    return checkpoint(run, x, use_reentrant=False)
+
+
 class GPT(nn.Module):
     """GPT-2. ``forward(idx)`` gives logits (B, T, V); ``forward(idx, targets)`` the mean loss."""
 
@@ -155,8 +175,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = _recomputed(block, x) if i < self.cfg.recompute and torch.is_grad_enabled() else block(x)
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
