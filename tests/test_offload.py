@@ -402,26 +402,31 @@ def test_a_group_leaves_as_soon_as_its_backward_is_done(monkeypatch):
     assert sorted(e for e in events if e.startswith("issue")) == ["issue blocks.0", "issue blocks.1", "issue rest"]
 
 
-def test_async_update_overlaps_the_next_forward_and_waits_per_group(monkeypatch):
-    """async_update: the step returns while its host update runs; the next forward runs each
-    module only after its group's update (and copy in) is done, and starts before the whole
-    update is done."""
+def _slow_host_update(monkeypatch, seconds: float, events: list) -> None:
+    """Each host group update sleeps first, then appends ``"updated <group>"`` to ``events``."""
     from funzero import _step
 
-    events = []
     real = _step._Engine.group_update
 
     def slow(self, *a, **k):
         update = real(self, *a, **k)
 
-        def timed(g, grad, out):
-            time.sleep(0.2)
+        def late(g, grad, out):
+            time.sleep(seconds)
             update(g, grad, out)
             events.append(f"updated {g}")
 
-        return timed
+        return late
 
     monkeypatch.setattr(_step._Engine, "group_update", slow)
+
+
+def test_async_update_overlaps_the_next_forward_and_waits_per_group(monkeypatch):
+    """async_update: the step returns while its host update runs; the next forward runs each
+    module only after its group's update (and copy in) is done, and starts before the whole
+    update is done."""
+    events = []
+    _slow_host_update(monkeypatch, 0.2, events)
     for async_update in (False, True):
         events.clear()
         model = tiny_gpt()
@@ -460,3 +465,18 @@ def test_async_update_errors_name_the_problem():
         fz.zero(2, placement={"opt_state": "nvme:/tmp"}, async_update=True)
     with pytest.raises(ValueError, match="delayed_update=True"):
         fz.zero(2, placement={"opt_state": "cpu"}, async_update=True, delayed_update=True)
+
+
+def test_save_state_right_after_an_async_step_saves_the_finished_update(tmp_path, monkeypatch):
+    """save_state waits for the update still running (the step returned before it finished)."""
+    _slow_host_update(monkeypatch, 0.1, [])
+    loaded = {}
+    for async_update in (False, True):
+        state, plan = train_tiny(tiny_gpt(), 2, placement={"opt_state": "cpu"}, async_update=async_update)
+        fz.save_state(state, plan, str(tmp_path / f"ckpt{async_update}"))
+        fresh = fz.init(tiny_gpt(seed=1), optim.adamw(1e-2), plan, precision=fz.bf16())
+        fresh = fz.load_state(fresh, plan, str(tmp_path / f"ckpt{async_update}"))
+        loaded[async_update] = (fz.gather_params(fresh, plan), [t.clone() for t in _leaves(fresh.opt_state)])
+    (p0, o0), (p1, o1) = loaded[False], loaded[True]
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    assert all(torch.equal(a, b) for a, b in zip(o0, o1))
