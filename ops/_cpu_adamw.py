@@ -368,7 +368,24 @@ def current_threads() -> int:
     return n or torch.get_num_threads()
 
 
-class host_threads:
+class _ThreadSetting:
+    """A context manager that sets ``_LOCAL.<attr>`` for the calling thread, restoring it on exit."""
+
+    _attr = ""
+
+    def __init__(self, value) -> None:
+        self._value = value
+
+    def __enter__(self):
+        self._prev = getattr(_LOCAL, self._attr, None)
+        setattr(_LOCAL, self._attr, self._value)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(_LOCAL, self._attr, self._prev)
+
+
+class host_threads(_ThreadSetting):
     """Threads the host AdamW of the calling thread uses (default: ``torch.get_num_threads()``).
 
     A context manager (the previous value comes back on exit). An offloaded update running in a
@@ -380,17 +397,12 @@ class host_threads:
         ...                        beta2=0.95, eps=1e-8, weight_decay=0.1)
     """
 
+    _attr = "threads"
+
     def __init__(self, n: int | None) -> None:
         if n is not None and (not isinstance(n, int) or n < 1):
             raise ValueError(f"host_threads needs a positive int or None, got {n!r}")
-        self._n, self._prev = n, getattr(_LOCAL, "threads", None)
-
-    def __enter__(self) -> "host_threads":
-        _LOCAL.threads = self._n
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _LOCAL.threads = self._prev
+        super().__init__(n)
 
 
 
@@ -432,7 +444,7 @@ def nt_bytes() -> int:
     return 0 if lib is None else lib.funzero_adamw_nt_bytes()
 
 
-class host_variant:
+class host_variant(_ThreadSetting):
     """Kernel variant for the host AdamW of the calling thread (a context manager, like
     :class:`host_threads`). Variants differ in memory access only; results are bit-identical.
 
@@ -442,14 +454,9 @@ class host_variant:
         ...                        beta2=0.95, eps=1e-8, weight_decay=0.1)
     """
 
+    _attr = "variant"
+
     def __init__(self, name: str | None) -> None:
         if name is not None:
             parse_variant(name)
-        self._name, self._prev = name, getattr(_LOCAL, "variant", None)
-
-    def __enter__(self) -> "host_variant":
-        _LOCAL.variant = self._name
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _LOCAL.variant = self._prev
+        super().__init__(name)
