@@ -134,9 +134,12 @@ def zero(
             forward. Exact (the same numbers as without it). Per-group waits need an eager step
             whose backward hands over per-leaf gradients (one rank without clipping, fp16 loss
             scaling or accumulation, or stage 2 on several ranks, no stage-3 gathers); other
-            steps wait for the whole update at their start. The state's params, master and
-            optimizer state are final only after :func:`funzero.sync` (which ``save_state`` and
-            ``gather_params`` call) or after the next step. Off by default.
+            steps wait for the whole update at their start. A group is waited for when a
+            module that holds one of its parameters (tied names included) starts its forward,
+            so a model whose forward reads a module's parameter before that module runs must
+            not use ``async_update``. The state's params, master and optimizer state are final
+            only after :func:`funzero.sync` (which ``save_state`` and ``gather_params`` call) or
+            after the next step. Off by default.
 
     Example:
         >>> plan = zero(3, groups=[r"blocks\\.(\\d+)\\."])
