@@ -98,7 +98,10 @@ def run(system, cfg, batch, args, device, placement=None):
     t_warm = time.perf_counter() - t0
     from funzero._offload import _UPDATERS
 
-    before = {k: sum(u.stats[k] for u in list(_UPDATERS.values())) for k in ("update_s", "forward_wait_s")}
+    def worker_s(k: str) -> float:
+        return sum(u.stats[k] for u in list(_UPDATERS.values()))
+
+    before = {k: worker_s(k) for k in ("update_s", "forward_wait_s")}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for i in range(warm, args.steps):
@@ -107,8 +110,7 @@ def run(system, cfg, batch, args, device, placement=None):
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / args.timed
     # funzero's host worker: ms per step updating groups, and ms per step the next forward waited
-    host = {f"host_{k[:-2]}_ms": (sum(u.stats[k] for u in list(_UPDATERS.values())) - before[k]) * 1e3 / args.timed
-            for k in before}
+    host = {f"host_{k[:-2]}_ms": (worker_s(k) - before[k]) * 1e3 / args.timed for k in before}
     n = sum(p.numel() for p in ts.GPT(cfg).parameters()) if cfg.n_layer <= 48 and cfg.n_embd <= 1600 else None
     return dict(
         system=system, layers=cfg.n_layer, width=cfg.n_embd, params=n, batch=batch, seq=args.seq, ms=ms,

@@ -279,7 +279,8 @@ class HostUpdater:
         update of groups whose state is on the device (never delayed).
         With ``ahead`` (the async update) this returns once the update is under way; the next
         forward calls :meth:`wait_group` per group (``ahead`` may be ``gather(g)``, what
-        ``finish`` does for one group, run once the group's parameters are in).
+        ``finish`` does for one group, run once the group's parameters are in). ``order``: see
+        :class:`_Job`.
         """
         self.drain_ahead()  # groups the last forward did not reach
         if self.cuda:
@@ -294,7 +295,7 @@ class HostUpdater:
                     self._issue(job, g, grads[g], params[g], False)
         else:
             prev, self.job = self.job, None
-            job = _Job(list(grads), order if ahead else None)
+            job = _Job(list(grads), order)
             if prev is not None:  # delayed: in the order the previous update finished groups
                 copied_in = True
                 for g in prev.completed():
@@ -395,6 +396,7 @@ class HostUpdater:
             self.finish()
 
 
+@torch.compiler.disable  # host-side waiting: a graph break in a compiled step
 def sync(state):
     """Wait for work a step left running (the delayed or async host update); returns ``state``.
 

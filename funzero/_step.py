@@ -146,7 +146,9 @@ class _Engine:
         ):
             return self.forward_backward_leaves(state, batch, loss_scale, hook)
         if p.async_update:
-            _finish_async(b)  # this forward cannot wait group by group
+            from funzero._offload import sync
+
+            sync(state)  # this forward cannot wait group by group
         anchors = self.anchors(state)
         leaves: dict[str, torch.Tensor] = {}
         if not self.gathered:
@@ -247,8 +249,6 @@ class _Engine:
 
         try:
             out = self.loss_fn(apply, batch)
-            for h in waits:
-                h.remove()
             loss, aux = out if self.has_aux else (out, None)
             scaled = loss * loss_scale if loss_scale is not None else loss
             torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
@@ -553,12 +553,13 @@ class _Engine:
             if gather:
                 self.gather_updated(b, {g: state.params[g] for g in on_device})
 
-        ahead = False
+        ahead, order = False, None
         if p.async_update:
             ahead = functools.partial(self.gather_one, b, state.params) if gather else True
+            order = _forward_order(b)
         HostUpdater.of(b, b.placement.compute).run(
             {g: grads[g] for g in hosted}, {g: params_own[g] for g in hosted}, update,
-            delayed=p.delayed_update, finish=finish, meanwhile=meanwhile, ahead=ahead, order=_forward_order(b),
+            delayed=p.delayed_update, finish=finish, meanwhile=meanwhile, ahead=ahead, order=order,
         )
         if self.swaps:  # NVMe: the new state maps the renamed files
             swaps, self.swaps = self.swaps, {}
@@ -711,15 +712,6 @@ def _forward_order(b) -> dict[str, int]:
     """Each group's position in forward: the order of its parameters in the model (the usual
     model registers its modules in the order forward runs them)."""
     return {g: i for i, g in enumerate(b.layouts)}
-
-
-@torch.compiler.disable
-def _finish_async(b) -> None:
-    from funzero._offload import _UPDATERS
-
-    up = _UPDATERS.get(id(b))
-    if up is not None:
-        up.drain_ahead()
 
 
 def _host_groups(b) -> list[str]:
