@@ -64,7 +64,10 @@ _COUNTERS: list[CommCounter] = []
 
 @contextlib.contextmanager
 def count_comm() -> Iterator[CommCounter]:
-    """Record every collective issued inside the block.
+    """Record every collective issued inside the block by an eager step.
+
+    A compiled step issues the same collectives but records nothing: counting inside the traced
+    autograd functions would be a side effect that breaks the graph. Count one eager step.
 
     Example:
         >>> with count_comm() as c:
@@ -80,6 +83,8 @@ def count_comm() -> Iterator[CommCounter]:
 
 
 def _record(op: str, tag: str, numel: int, itemsize: int) -> None:
+    if torch.compiler.is_compiling():
+        return
     for c in _COUNTERS:
         c.record(op, tag, numel, itemsize)
 

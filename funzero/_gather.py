@@ -36,7 +36,14 @@ from funzero._collectives import CommSpec, GatherShard, all_gather
 
 __all__ = ["Stage3Hooks", "track_gathered"]
 
-_ACTIVE = threading.local()
+class _Active(threading.local):
+    # Set on each thread's first touch, so that "no step is running" reads the same before the
+    # first step and after any: a compiled step guards on it, and a missing attribute recompiles.
+    def __init__(self) -> None:
+        self.run = None
+
+
+_ACTIVE = _Active()
 
 
 @dataclass
@@ -112,7 +119,7 @@ class Stage3Hooks:
     @contextlib.contextmanager
     def activate(self, anchors: dict, sources: dict, *, regather: bool):
         run = _Run(self, anchors, sources, regather)
-        prev = getattr(_ACTIVE, "run", None)
+        prev = _ACTIVE.run
         _ACTIVE.run = run
         try:
             if regather:
@@ -125,7 +132,7 @@ class Stage3Hooks:
 
     def _pre(self, groups):
         def hook(module, args):
-            run = getattr(_ACTIVE, "run", None)
+            run = _ACTIVE.run
             if run is None or run.hooks is not self:
                 return None
             for g in groups:
@@ -136,7 +143,7 @@ class Stage3Hooks:
 
     def _post(self, groups):
         def hook(module, args, output):
-            run = getattr(_ACTIVE, "run", None)
+            run = _ACTIVE.run
             if run is None or run.hooks is not self:
                 return None
             for g in groups:

@@ -5,17 +5,23 @@ Dynamo-level only (backend="eager"): graph breaks and recompiles happen before a
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import funzero as fz
 from funzero.models import GPT, GPTConfig
 
+from ._dist import run_world
+
 # The example model as the demo and benchmarks build it (fused cross-entropy kernel included).
 CFG = GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=64)
 
 
-def _break_reasons(stage: int, trace_autograd_ops: bool) -> tuple[list[str], int]:
+def _break_reasons(stage: int, trace_autograd_ops: bool, counter: list | None = None) -> tuple[list[str], int]:
+    """Graph-break reasons and graph count of three compiled steps; with ``counter`` given, a
+    ``count_comm`` is held open around them and appended to it."""
     from torch._dynamo.utils import counters
 
     old = torch._dynamo.config.trace_autograd_ops
@@ -30,9 +36,12 @@ def _break_reasons(stage: int, trace_autograd_ops: bool) -> tuple[list[str], int
         state = fz.init(model, tx, plan)
         step = torch.compile(fz.train_step(model, lambda apply, b: apply(*b), tx, plan), backend="eager")
         g = torch.Generator().manual_seed(0)
-        for _ in range(3):
-            x = torch.randint(0, 256, (4, 32), generator=g)
-            state, _ = step(state, (x, x))
+        with fz.count_comm() if counter is not None else contextlib.nullcontext() as c:
+            if counter is not None:
+                counter.append(c)
+            for _ in range(3):
+                x = torch.randint(0, 256, (4, 32), generator=g)
+                state, _ = step(state, (x, x))
         return sorted(k.split("\n")[0] for k in counters["graph_break"]), counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.config.trace_autograd_ops = old
@@ -60,3 +69,19 @@ def test_graph_breaks_where_autograd_grad_is_not_traced_are_exactly_these():
         "requires_grad_() intermediate leaked as output",
     }, reasons
     assert graphs <= 4, graphs
+
+
+def _compiled_breaks_while_counting(rank, world, stage):
+    counter = []
+    reasons, graphs = _break_reasons(stage, hasattr(torch._dynamo.config, "trace_autograd_ops"), counter)
+    return reasons, graphs, counter[0].total()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_counting_collectives_does_not_break_a_compiled_multi_rank_step(stage):
+    """On 2 ranks the compiled step has the collectives in it; a ``count_comm`` held open around
+    it (as a benchmark does) must add no graph break, and it records nothing while compiled."""
+    one = _break_reasons(stage, hasattr(torch._dynamo.config, "trace_autograd_ops"))
+    for reasons, graphs, counted in run_world(_compiled_breaks_while_counting, 2, stage):
+        assert (reasons, graphs) == one
+        assert counted == 0
