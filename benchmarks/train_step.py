@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -203,6 +205,12 @@ def run(system, model_name, args, device) -> dict:
             sync(device)
         print(f"--- profile of 2 steps: {model_name} {system} ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "22")), max_name_column_width=60))
+        path = os.path.join(args.out, f"trace_{model_name}_{system}.json")
+        prof.export_chrome_trace(path)
+        print(json.dumps(kernel_summary(path, steps=2), indent=1))
+        with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
+            shutil.copyfileobj(f, z)
+        os.remove(path)
     ms = start.elapsed_time(end) / args.timed if start is not None else (time.perf_counter() - t0) * 1e3 / args.timed
     model = GPT(GPTConfig(**{**cfg.__dict__}))  # CPU, only for the FLOP count
     flops_tok = model.flops_per_token()
@@ -214,6 +222,39 @@ def run(system, model_name, args, device) -> dict:
         mfu=tok_s * flops_tok / PEAK_FLOPS, peak_gib=(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0),
         loss_first=float(losses[0]), loss_last=float(losses[-1]), warmup_s=t_warm,
     )
+
+
+def kernel_summary(path: str, steps: int) -> dict:
+    """Per step, from a chrome trace of ``steps`` steps: GPU kernels launched, their time, the
+    GPU's idle time between the first and the last, and launches and time by kernel family
+    (eager ATen elementwise, copies, memsets, Triton, cuBLAS, ...): where idle gaps come from."""
+    with open(path) as f:
+        ev = [e for e in json.load(f)["traceEvents"]
+              if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    ev.sort(key=lambda e: e["ts"])
+    families = {"aten-elementwise": "at::native::", "memcpy": "Memcpy", "memset": "Memset", "triton": "triton_",
+                "cublas": "nvjet", "cudnn": "cudnn", "nccl": "nccl", "adamw": "adamw"}
+    fam: dict[str, list[float]] = {}
+    for e in ev:
+        k = next((k for k, pat in families.items() if pat in e["name"]), "other")
+        c = fam.setdefault(k, [0, 0.0])
+        c[0] += 1
+        c[1] += e["dur"]
+    busy, end = 0.0, ev[0]["ts"]
+    gaps = []
+    for e in ev:
+        a, b = e["ts"], e["ts"] + e["dur"]
+        if a > end:
+            gaps.append((a - end, e["name"][:50]))
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    span = end - ev[0]["ts"]
+    gaps.sort(reverse=True)
+    return dict(kernels=len(ev) / steps, kernel_ms=busy / 1e3 / steps, idle_ms=(span - busy) / 1e3 / steps,
+                gaps_over_20us=sum(1 for g, _ in gaps if g > 20) / steps,
+                idle_in_gaps_over_20us_ms=sum(g for g, _ in gaps if g > 20) / 1e3 / steps,
+                families={k: dict(launches=v[0] / steps, ms=round(v[1] / 1e3 / steps, 2)) for k, v in sorted(fam.items())},
+                largest_gaps_us=[(round(g, 1), n) for g, n in gaps[:12]])
 
 
 def sync(device):
