@@ -14,10 +14,15 @@ Keep NVLink multicast off on the lent machines (NCCL_NVLS_ENABLE=0 is set below 
      ds-zero{1,2,3}      DeepSpeed (see train_step.py)
      fsdp2               torch.distributed.fsdp.fully_shard per block and on the root, each block
                          compiled (torchtitan's recipe), bf16 params / fp32 reduce, fused AdamW
-   Columns: tokens/s per GPU, MFU (989 TFLOP/s bf16 peak per GPU), peak memory per GPU, and for
-   funzero the elements moved per step from its collective counter (counted while tracing).
+   Columns: tokens/s per GPU, MFU (989 TFLOP/s bf16 peak per GPU), peak memory per GPU above what
+   was allocated before the system was built, and for funzero the bytes each rank moves per step
+   (its collective counter, read on one eager step) and the peak `funzero.estimate_memory` predicts.
 3. A profiler trace of two fz2 and fz3 steps under $OUT (chrome trace, gzip): reduce-scatters
    should overlap backward compute.
+
+DeepSpeed keeps GPU memory after its engine is dropped: run each ds-zero system in its own
+process (``--systems ds-zero2 --no-correctness``) when memory is tight. ``--plot a.json b.json``
+draws tokens/s per GPU from result files (no GPU, no process group).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import train_step as ts  # noqa: E402
 
 import funzero as fz  # noqa: E402
 from funzero.models import GPT, GPTConfig  # noqa: E402
+from funzero._memory import estimate_memory, gpt_activations  # noqa: E402
 from shardspec import Mesh  # noqa: E402
 
 
@@ -106,46 +112,63 @@ def fsdp2_system(cfg, data, device):
     return step
 
 
+# inductor's overlap scheduler (GPU only): moves each collective's wait as late as its first use
+# allows and issues collectives early, within a bound on the extra memory that holds alive.
+OVERLAP = {"aten_distributed_optimizations.enable_overlap_scheduling": True}
+
+
+def overlap_summary(path: str) -> str:
+    """Per profiled step: GPU compute time, collective kernel time, and the part of it that no
+    compute kernel overlaps (from a chrome trace of two steps)."""
+    with gzip.open(path) as f:
+        ev = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    comm = [(e["ts"], e["ts"] + e["dur"]) for e in ev if "nccl" in e["name"].lower()]
+    merged: list[list[float]] = []
+    for a, b in sorted((e["ts"], e["ts"] + e["dur"]) for e in ev if "nccl" not in e["name"].lower()):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    busy = sum(b - a for a, b in merged)
+    total = sum(b - a for a, b in comm)
+    covered = sum(max(0.0, min(b, y) - max(a, x)) for a, b in comm for x, y in merged)
+    return (f"per step: compute {busy / 2e3:.1f} ms, collectives {total / 2e3:.1f} ms, "
+            f"of which not overlapped {(total - covered) / 2e3:.1f} ms")
+
+
 def throughput(system, cfg, batch, args, device) -> dict:
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(1234 + rank)  # each rank its own micro-batch
     tokens = torch.randint(0, cfg.vocab_size, (args.steps, batch, args.seq + 1), generator=g).to(device)
     data = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    moved = None
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    t_build = time.perf_counter()
+    moved = predicted = None
+    losses = []
     if system.startswith("fz"):
         stage = int(system[2])
         model = ts.make_model(cfg, device)
         plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], batch="local")
         tx = fz.optim.adamw(ts.LR, b1=ts.BETAS[0], b2=ts.BETAS[1], eps=ts.EPS, weight_decay=ts.WD)
-        state = fz.init(model, tx, plan, precision=fz.bf16() if device.type == "cuda" else fz.fp32())
-        fn = fz.train_step(model, lambda apply, b: apply(*b), tx, plan)
-        fn = torch.compile(fn) if "compile" in system else fn
+        precision = fz.bf16() if device.type == "cuda" else fz.fp32()
+        state = fz.init(model, tx, plan, precision=precision)
+        acts = gpt_activations(cfg, batch=batch, seq=args.seq, dtype=precision.param_dtype)
+        predicted = estimate_memory(model, plan=plan, precision=precision, tx=tx, activations=acts,
+                                    compiled="compile" in system).gpu / 2**30
+        eager = fz.train_step(model, lambda apply, b: apply(*b), tx, plan)
+        fn = torch.compile(eager, options=OVERLAP if system.endswith("-ovl") else None) if "compile" in system else eager
         box = {"state": state}
-        counter = fz.count_comm()
-        c = counter.__enter__()
 
-        def step(i):
-            box["state"], m = fn(box["state"], data[i])
-            return m["loss"]
+        def step(i, f=fn):
+            box["state"], m = f(box["state"], data[i])
+            return m["loss"]  # the mean over every rank's micro-batch
 
-        step(0)
-        counter.__exit__(None, None, None)
-        moved = c.total(tag="param") + c.total(tag="grad")
-        if args.trace and "compile" in system and system[2] in "23" and device.type == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                step(1)
-                step(2)
-                torch.cuda.synchronize()
-            if rank == 0:
-                path = os.path.join(args.out, f"trace_{system}.json")
-                prof.export_chrome_trace(path)
-                with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
-                    shutil.copyfileobj(f, z)
-                os.remove(path)
+        with fz.count_comm() as c:  # counts eager steps only; the compiled one moves the same
+            losses.append(step(0, eager))
+        moved = c.total(tag="param", what="bytes") + c.total(tag="grad", what="bytes")
     elif system.startswith("ds-zero"):
         step = ts.deepspeed_system(cfg, data, device, int(system[-1]), batch)
     elif system == "fsdp2":
@@ -153,22 +176,86 @@ def throughput(system, cfg, batch, args, device) -> dict:
     else:
         raise ValueError(system)
     warm = args.steps - args.timed
-    losses = [step(i) for i in range(1 if moved is not None else 0, warm)]
+    losses += [step(i) for i in range(len(losses), warm)]
     ts.sync(device)
+    warm_s = time.perf_counter() - t_build
     t0 = time.perf_counter()
     for i in range(warm, args.steps):
         losses.append(step(i))
     ts.sync(device)
     dist.barrier()
     ms = (time.perf_counter() - t0) * 1e3 / args.timed
-    flops = GPT(cfg).flops_per_token() if cfg.n_layer * cfg.n_embd <= 48 * 1600 else 6 * (12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else 0.0
+    first_last = torch.stack([losses[0], losses[-1]]).float()
+    if not system.startswith("fz"):  # the others report their own rank's loss: average them
+        dist.all_reduce(first_last)
+        first_last /= dist.get_world_size()
+    if args.trace and system.startswith(("fz2-compile", "fz3-compile", "fsdp2")) and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(0)
+            step(1)
+            torch.cuda.synchronize()
+        if rank == 0:
+            path = os.path.join(args.out, f"trace_{system}.json")
+            prof.export_chrome_trace(path)
+            with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
+                shutil.copyfileobj(f, z)
+            os.remove(path)
+            log(f"{system}: {overlap_summary(path + '.gz')}")
+    with torch.device("meta"):
+        flops = GPT(cfg).flops_per_token()
     tok = batch * args.seq / (ms / 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     peak_t = torch.tensor([peak], device=device)
     dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
     return dict(system=system, layers=cfg.n_layer, width=cfg.n_embd, world=dist.get_world_size(), batch_per_gpu=batch,
                 ms=ms, tokens_per_s_per_gpu=tok, mfu=tok * flops / ts.PEAK_FLOPS, peak_gib_max=peak_t.item(),
-                elements_moved_per_step=moved, loss_last=float(losses[-1]))
+                predicted_peak_gib=predicted, bytes_moved_per_step=moved, loss_first=first_last[0].item(),
+                loss_last=first_last[1].item(),
+                warm_s=warm_s)
+
+
+def table(rows) -> str:
+    head = (f"{'model':>5} {'system':>12} {'world':>5} {'ms/step':>8} {'tok/s/GPU':>10} {'MFU':>6} "
+            f"{'peak GiB':>8} {'est GiB':>8} {'GB moved':>8} {'loss0':>7} {'lossN':>7} {'warm s':>7}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if "system" not in r:
+            continue
+        if "error" in r:
+            out.append(f"{r.get('model', ''):>5} {r['system']:>12}  {r['error'][:90]}")
+            continue
+        est = f"{r['predicted_peak_gib']:8.2f}" if r.get("predicted_peak_gib") is not None else f"{'-':>8}"
+        gb = f"{r['bytes_moved_per_step'] / 1e9:8.2f}" if r.get("bytes_moved_per_step") is not None else f"{'-':>8}"
+        out.append(f"{r['model']:>5} {r['system']:>12} {r['world']:>5} {r['ms']:8.1f} {r['tokens_per_s_per_gpu']:10.0f} "
+                   f"{r['mfu']:6.1%} {r['peak_gib_max']:8.2f} {est} {gb} {r.get('loss_first', float('nan')):7.3f} "
+                   f"{r['loss_last']:7.3f} {r['warm_s']:7.0f}")
+    return "\n".join(out)
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "tokens_per_s_per_gpu" in r]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    systems = list(dict.fromkeys(r["system"] for r in ok))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        got = {r["system"]: r for r in ok if r["model"] == m}
+        names = [s for s in systems if s in got]
+        bars = ax.bar(names, [got[s]["tokens_per_s_per_gpu"] for s in names],
+                      color=["tab:blue" if s.startswith("fz") else "tab:gray" for s in names])
+        ax.bar_label(bars, [f"{got[s]['mfu']:.0%}" for s in names], fontsize=8)
+        first = got[names[0]]
+        ax.set_title(f"{m}: {first['world']} GPUs, {first['batch_per_gpu']} sequences per GPU")
+        ax.set_ylabel("tokens/s per GPU (label: MFU)")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
@@ -182,11 +269,18 @@ def main(argv=None):
     p.add_argument("--trace", action="store_true", default=True)
     p.add_argument("--out", default=os.environ.get("OUT") or "runs")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--correctness", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="draw multi_gpu.png from result files and exit")
     args = p.parse_args(argv)
+    if args.plot:
+        rows = [r for f in args.plot for r in json.load(open(f))]
+        print(table(rows))
+        plot(rows, os.path.join(args.out, "multi_gpu.png"))
+        return
     mesh = Mesh.from_env(("dp",), device_type="cpu" if args.smoke else None)
     device = mesh.device
     os.makedirs(args.out, exist_ok=True)
-    rows = [dict(correctness=correctness(device, args.smoke))]
+    rows = [dict(correctness=correctness(device, args.smoke))] if args.correctness else []
     models = {"1.5b": ts.gpt_config("gpt2-xl", block_size=args.seq), "7b": GPTConfig(block_size=args.seq, n_layer=32, n_head=32, n_embd=4096)}
     if args.smoke:
         args.seq, args.steps, args.timed, args.batch = 32, 4, 2, 2
@@ -206,6 +300,7 @@ def main(argv=None):
             if dist.get_rank() == 0:
                 with open(os.path.join(args.out, "multi_gpu.json"), "w") as f:
                     json.dump(rows, f, indent=1)
+    log("\n" + table(rows))
     dist.destroy_process_group()
 
 
