@@ -62,21 +62,52 @@ def make_model(cfg: GPTConfig, device, compile_blocks: bool = False) -> GPT:
 
 
 # --- systems: each returns (step(i) -> loss tensor, cleanup) ------------------------------------
-def torch_system(cfg, data, device, compiled: bool):
+def torch_system(cfg, data, device, compiled: bool, graphed: bool = False):
+    """Plain PyTorch: autocast bf16, fused AdamW. ``graphed``: the whole step (forward, backward,
+    optimizer) recorded as one CUDA graph after 3 warm-up steps, PyTorch's whole-network capture
+    recipe (capturable AdamW, static input buffers)."""
     model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=device.type == "cuda",
+                            capturable=graphed)
     fwd = torch.compile(model) if compiled else model
 
-    def step(i):
-        x, y = data[i]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+    def train(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphed):
             loss = fwd(x, y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        return train(*data[i])
+
+    if not graphed:
+        return step
+    box: dict = {}
+
+    def graphed_step(i):
+        if i < 3:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = step(i)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if "graph" not in box:
+            box["x"], box["y"] = (t.clone() for t in data[i])
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            box["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(box["graph"]):
+                box["loss"] = train(box["x"], box["y"])
+        else:
+            box["x"].copy_(data[i][0], non_blocking=True)
+            box["y"].copy_(data[i][1], non_blocking=True)
+        box["graph"].replay()
+        return box["loss"].clone()
+
+    return graphed_step
 
 
 def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool = False, compile_blocks: bool = False):
@@ -112,7 +143,7 @@ def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool
 
 
 def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None, delayed_update=False,
-                   compile_blocks: bool = False, async_update: bool = False):
+                   compile_blocks: bool = False, async_update: bool = False, graphed: bool = False):
     model = make_model(cfg, device, compile_blocks)
     plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {}, delayed_update=delayed_update,
                    async_update=async_update)
@@ -129,6 +160,8 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
     step_fn = fz.train_step(model, loss_fn, tx, plan)
     if compiled:
         step_fn = torch.compile(step_fn)
+    if graphed:
+        step_fn = fz.cuda_graph(step_fn, warmup=3)
     box = {"state": state}
 
     def step(i):
@@ -143,17 +176,20 @@ def build(system: str, cfg, data, device, batch):
         return torch_system(cfg, data, device, False)
     if system == "torch-compile":
         return torch_system(cfg, data, device, True)
+    if system == "torch-compile-cg":
+        return torch_system(cfg, data, device, True, graphed=True)
     if system.startswith("ds-zero"):
         return deepspeed_system(cfg, data, device, int(system[-1]), batch)
     if system.startswith("fz"):
-        # fz<stage>-<eager|compile>[-offload][:<kernels joined by +, or none>]
+        # fz<stage>-<eager|compile>[-offload|-cg][:<kernels joined by +, or none>]; -cg: fz.cuda_graph
         name, _, kernels = system.partition(":")
         stage, mode = int(name[2]), name.split("-", 1)[1]
         if kernels:
             ks = () if kernels == "none" else tuple(kernels.split("+"))
             cfg = GPTConfig(**{**cfg.__dict__, "kernels": ks})
         placement = {"opt_state": "cpu"} if mode.endswith("offload") else None
-        return funzero_system(cfg, data, device, stage, compiled=mode.startswith("compile"), placement=placement)
+        return funzero_system(cfg, data, device, stage, compiled=mode.startswith("compile"), placement=placement,
+                              graphed=mode.endswith("-cg"))
     raise ValueError(f"unknown system {system!r}")
 
 

@@ -10,6 +10,7 @@ from funzero import optim
 from funzero._checkpoint import load_state, save_state
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._gather import track_gathered
+from funzero._graph import cuda_graph
 from funzero._offload import sync
 from funzero._memory import (
     ActivationEstimate,
@@ -51,6 +52,7 @@ __all__ = [
     "all_reduce",
     "bf16",
     "count_comm",
+    "cuda_graph",
     "fp16",
     "fp32",
     "gather_params",
