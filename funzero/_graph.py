@@ -35,6 +35,14 @@ def _check_placed(paths: list, leaves: list, device: torch.device) -> None:
             )
 
 
+def _check_like(what: str, path: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise ValueError(
+            f"cuda_graph: {what} leaf {path or '<root>'!r} is {tuple(got.shape)} {got.dtype}; the step was "
+            f"recorded with {tuple(want.shape)} {want.dtype}"
+        )
+
+
 class _Graphed:
     def __init__(self, step: Callable, warmup: int) -> None:
         if warmup < 1:
@@ -66,11 +74,7 @@ class _Graphed:
                 continue
             if new is old or (new.data_ptr() == old.data_ptr() and new.shape == old.shape):
                 continue
-            if new.shape != old.shape or new.dtype != old.dtype:
-                raise ValueError(
-                    f"cuda_graph: state leaf {path!r} changes from {tuple(old.shape)} {old.dtype} "
-                    f"to {tuple(new.shape)} {new.dtype} in a step"
-                )
+            _check_like("returned state", path, new, old)
             old.copy_(new)
         return metrics
 
@@ -106,11 +110,7 @@ class _Graphed:
                 if dst != src:
                     raise ValueError(f"cuda_graph: batch leaf {path or '<root>'!r} changed from {dst!r} to {src!r}")
                 continue
-            if src.shape != dst.shape or src.dtype != dst.dtype:
-                raise ValueError(
-                    f"cuda_graph: batch leaf {path or '<root>'!r} is {tuple(src.shape)} {src.dtype}; the step was "
-                    f"recorded with {tuple(dst.shape)} {dst.dtype}"
-                )
+            _check_like("batch", path, src, dst)
             dst.copy_(src, non_blocking=True)
 
     def _load_state(self, state) -> None:
@@ -122,11 +122,7 @@ class _Graphed:
         for path, dst, src in zip(paths, self.state_leaves, leaves):
             if not isinstance(dst, torch.Tensor) or src is dst:
                 continue
-            if src.shape != dst.shape or src.dtype != dst.dtype:
-                raise ValueError(
-                    f"cuda_graph: state leaf {path!r} is {tuple(src.shape)} {src.dtype}; the step was recorded "
-                    f"with {tuple(dst.shape)} {dst.dtype}"
-                )
+            _check_like("state", path, src, dst)
             dst.copy_(src)
 
     def __call__(self, state, batch):

@@ -118,3 +118,16 @@ def test_graphed_steps_on_two_ranks(stage):
     for got, want in run_world(_two_ranks, 2, stage):
         for k, v in want.items():
             assert torch.equal(got[k], v), k
+
+
+def test_a_state_leaf_of_another_shape_is_refused_by_its_path():
+    step, state, _ = _setup(2)
+    fn = fz.cuda_graph(step, warmup=1)
+    data = batches(2)
+    state, _ = fn(state, data[0])
+    state, _ = fn(state, data[1])
+    _, other, _ = _setup(2)
+    g = next(iter(other.params))
+    other.params[g] = other.params[g][:-1].clone()
+    with pytest.raises(ValueError, match=rf"state leaf 'params\.{g}' is \(\d+,\) torch.float32; the step was recorded"):
+        fn(other, data[0])
