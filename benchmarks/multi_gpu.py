@@ -10,7 +10,8 @@ Keep NVLink multicast off on the lent machines (NCCL_NVLS_ENABLE=0 is set below 
    on every rank from the same global batch (TF32 off). Prints the worst relative error.
 2. Throughput and memory: GPT-2 1.5B and a ~7B GPT-shaped model (32 layers x 4096; our GPT, not
    Llama's SwiGLU/RoPE), bf16, per-GPU micro-batch --batch, T=1024:
-     fz{1,2,3}-compile   funzero stage k, whole step compiled
+     fz{1,2,3}-compile   funzero stage k, whole step compiled; suffixes: -ovl inductor's overlap
+                         scheduler, -bf16r gradients reduced in bf16 (DeepSpeed's default)
      ds-zero{1,2,3}      DeepSpeed (see train_step.py)
      fsdp2               torch.distributed.fsdp.fully_shard per block and on the root, each block
                          compiled (torchtitan's recipe), bf16 params / fp32 reduce, fused AdamW
@@ -153,13 +154,15 @@ def throughput(system, cfg, batch, args, device) -> dict:
         model = ts.make_model(cfg, device)
         plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], batch="local")
         tx = fz.optim.adamw(ts.LR, b1=ts.BETAS[0], b2=ts.BETAS[1], eps=ts.EPS, weight_decay=ts.WD)
-        precision = fz.bf16() if device.type == "cuda" else fz.fp32()
+        # -bf16r: gradients reduced in bf16, as DeepSpeed does by default (half the bytes; fp32 otherwise)
+        reduce_dtype = torch.bfloat16 if "-bf16r" in system else torch.float32
+        precision = fz.bf16(reduce_dtype=reduce_dtype) if device.type == "cuda" else fz.fp32()
         state = fz.init(model, tx, plan, precision=precision)
         acts = gpt_activations(cfg, batch=batch, seq=args.seq, dtype=precision.param_dtype)
         predicted = estimate_memory(model, plan=plan, precision=precision, tx=tx, activations=acts,
                                     compiled="compile" in system).gpu / 2**30
         eager = fz.train_step(model, lambda apply, b: apply(*b), tx, plan)
-        fn = torch.compile(eager, options=OVERLAP if system.endswith("-ovl") else None) if "compile" in system else eager
+        fn = torch.compile(eager, options=OVERLAP if "-ovl" in system else None) if "compile" in system else eager
         box = {"state": state}
 
         def step(i, f=fn):
