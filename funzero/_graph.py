@@ -79,6 +79,14 @@ class _Graphed:
         return metrics
 
     def _record(self, state, batch) -> None:
+        from funzero.optim._accumulate import MultiStepsState
+
+        if isinstance(getattr(state, "opt_state", None), MultiStepsState):
+            raise ValueError(
+                "cuda_graph: opt_state is optim.multi_steps' state: whether a call applies the update is "
+                "decided on the host from mini_step, and a recorded graph would replay one branch forever. "
+                "Accumulate inside loss_fn, or use the plain step"
+            )
         self.state = state
         self.state_paths, self.state_leaves, _ = _leaves(state)
         self.batch_paths, leaves, self.batch_spec = _leaves(batch)
@@ -166,7 +174,8 @@ def cuda_graph(step: Callable, *, warmup: int = 3) -> Callable:
     protocol the CPU tests check against plain steps).
 
     Raises:
-        ValueError: a state leaf placed off the compute device (offload cannot be recorded), a
+        ValueError: a state leaf placed off the compute device (offload cannot be recorded), an
+            ``optim.multi_steps`` state (its branch is taken on the host), a
             batch or state leaf whose shape or dtype differs from the recorded one (named by its
             path), or ``warmup < 1``.
 

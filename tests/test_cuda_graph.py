@@ -131,3 +131,15 @@ def test_a_state_leaf_of_another_shape_is_refused_by_its_path():
     other.params[g] = other.params[g][:-1].clone()
     with pytest.raises(ValueError, match=rf"state leaf 'params\.{g}' is \(\d+,\) torch.float32; the step was recorded"):
         fn(other, data[0])
+
+
+def test_gradient_accumulation_state_is_refused_at_recording():
+    model = tiny_gpt()
+    plan = fz.zero(2, groups=GROUPS)
+    tx = optim.multi_steps(optim.adamw(1e-2), 2)
+    state = fz.init(model, tx, plan)
+    fn = fz.cuda_graph(fz.train_step(model, lm_loss, tx, plan), warmup=1)
+    data = batches(2)
+    state, _ = fn(state, data[0])
+    with pytest.raises(ValueError, match="opt_state is optim.multi_steps' state"):
+        fn(state, data[1])
