@@ -118,25 +118,6 @@ def fsdp2_system(cfg, data, device):
 OVERLAP = {"aten_distributed_optimizations.enable_overlap_scheduling": True}
 
 
-def overlap_summary(path: str) -> str:
-    """Per profiled step: GPU compute time, collective kernel time, and the part of it that no
-    compute kernel overlaps (from a chrome trace of two steps)."""
-    with gzip.open(path) as f:
-        ev = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
-    comm = [(e["ts"], e["ts"] + e["dur"]) for e in ev if "nccl" in e["name"].lower()]
-    merged: list[list[float]] = []
-    for a, b in sorted((e["ts"], e["ts"] + e["dur"]) for e in ev if "nccl" not in e["name"].lower()):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    busy = sum(b - a for a, b in merged)
-    total = sum(b - a for a, b in comm)
-    covered = sum(max(0.0, min(b, y) - max(a, x)) for a, b in comm for x, y in merged)
-    return (f"per step: compute {busy / 2e3:.1f} ms, collectives {total / 2e3:.1f} ms, "
-            f"of which not overlapped {(total - covered) / 2e3:.1f} ms")
-
-
 def throughput(system, cfg, batch, args, device) -> dict:
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(1234 + rank)  # each rank its own micro-batch
@@ -203,10 +184,12 @@ def throughput(system, cfg, batch, args, device) -> dict:
         if rank == 0:
             path = os.path.join(args.out, f"trace_{system}.json")
             prof.export_chrome_trace(path)
+            kernels = ts.kernel_summary(path, steps=2)
+            log(f"{system} per step: GPU kernels {kernels['kernel_ms']:.1f} ms, collectives {kernels['comm_ms']:.1f} ms, "
+                f"of which no compute overlaps {kernels['comm_not_overlapped_ms']:.1f} ms")
             with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
                 shutil.copyfileobj(f, z)
             os.remove(path)
-            log(f"{system}: {overlap_summary(path + '.gz')}")
     with torch.device("meta"):
         flops = GPT(cfg).flops_per_token()
     tok = batch * args.seq / (ms / 1e3)

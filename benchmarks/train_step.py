@@ -286,7 +286,21 @@ def kernel_summary(path: str, steps: int) -> dict:
         end = max(end, b)
     span = end - ev[0]["ts"]
     gaps.sort(reverse=True)
+    # Collectives (NCCL kernels, on their own stream) against the union of all other kernels:
+    # the part no compute kernel overlaps is time the step waits for communication.
+    compute: list[list[float]] = []
+    for e in ev:
+        if "nccl" not in e["name"]:
+            a, b = e["ts"], e["ts"] + e["dur"]
+            if compute and a <= compute[-1][1]:
+                compute[-1][1] = max(compute[-1][1], b)
+            else:
+                compute.append([a, b])
+    comm = [(e["ts"], e["ts"] + e["dur"]) for e in ev if "nccl" in e["name"]]
+    comm_total = sum(b - a for a, b in comm)
+    covered = sum(max(0.0, min(b, y) - max(a, x)) for a, b in comm for x, y in compute)
     return dict(kernels=len(ev) / steps, kernel_ms=busy / 1e3 / steps, idle_ms=(span - busy) / 1e3 / steps,
+                comm_ms=comm_total / 1e3 / steps, comm_not_overlapped_ms=(comm_total - covered) / 1e3 / steps,
                 gaps_over_20us=sum(1 for g, _ in gaps if g > 20) / steps,
                 idle_in_gaps_over_20us_ms=sum(g for g, _ in gaps if g > 20) / 1e3 / steps,
                 families={k: dict(launches=v[0] / steps, ms=round(v[1] / 1e3 / steps, 2)) for k, v in sorted(fam.items())},

@@ -53,9 +53,7 @@ class _Graphed:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.state = None  # the recorded state: its leaves are the graph's inputs
         self.state_leaves: list = []
-        self.state_paths: list = []
         self.batch_leaves: list = []
-        self.batch_paths: list = []
         self.batch_spec = None
         self.metrics = None
         self.replay: Callable[[], None] | None = None
@@ -88,11 +86,11 @@ class _Graphed:
                 "Accumulate inside loss_fn, or use the plain step"
             )
         self.state = state
-        self.state_paths, self.state_leaves, _ = _leaves(state)
-        self.batch_paths, leaves, self.batch_spec = _leaves(batch)
+        paths, self.state_leaves, _ = _leaves(state)
+        _, leaves, self.batch_spec = _leaves(batch)
         self.batch_leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         device = next(x.device for x in self.state_leaves if isinstance(x, torch.Tensor))
-        _check_placed(self.state_paths, self.state_leaves, device)
+        _check_placed(paths, self.state_leaves, device)
         if device.type != "cuda":
             # Nothing to record off the GPU: keep the protocol, re-run the body on the buffers.
             def replay():

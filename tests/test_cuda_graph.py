@@ -90,12 +90,18 @@ def test_another_state_is_copied_into_the_recorded_buffers():
         assert torch.equal(fz.gather_params(got, plan)[k], v), k
 
 
-def test_a_batch_of_another_shape_is_refused_by_its_leaf():
+def _recorded():
+    """A stage-2 step through cuda_graph, one warm-up call and the recording call done."""
     step, state, _ = _setup(2)
     fn = fz.cuda_graph(step, warmup=1)
     data = batches(2)
     state, _ = fn(state, data[0])
     state, _ = fn(state, data[1])
+    return step, fn, state, data
+
+
+def test_a_batch_of_another_shape_is_refused_by_its_leaf():
+    step, fn, state, _ = _recorded()
     x, y = batches(1, batch=4)[0]
     with pytest.raises(ValueError, match=r"batch leaf '0' is \(4, 16\) torch.int64; the step was recorded with \(8, 16\)"):
         fn(state, (x, y))
@@ -121,11 +127,7 @@ def test_graphed_steps_on_two_ranks(stage):
 
 
 def test_a_state_leaf_of_another_shape_is_refused_by_its_path():
-    step, state, _ = _setup(2)
-    fn = fz.cuda_graph(step, warmup=1)
-    data = batches(2)
-    state, _ = fn(state, data[0])
-    state, _ = fn(state, data[1])
+    _, fn, _, data = _recorded()
     _, other, _ = _setup(2)
     g = next(iter(other.params))
     other.params[g] = other.params[g][:-1].clone()
