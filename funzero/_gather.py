@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,13 +49,29 @@ _ACTIVE = _Active()
 
 @dataclass
 class GatherTracker:
-    """Counts gathered stage-3 buffers alive at the moment of each new gather."""
+    """Counts gathered stage-3 buffers alive at the moment of each new gather.
+
+    A collective backend may hold its output for a moment after the call returns (gloo's worker
+    thread drops its reference asynchronously), so a buffer the engine has already let go of
+    can still be alive at the next gather. Before counting, the tracker gives such buffers up to
+    ``settle`` seconds to go; one still alive after that (held by autograd, say) is counted.
+    """
 
     refs: list = field(default_factory=list)
+    released: list = field(default_factory=list)
     peak: int = 0
     gathers: int = 0
+    settle: float = 0.25
+
+    def drop(self, buf: torch.Tensor) -> None:
+        """The engine holds ``buf`` no longer."""
+        self.released.append(StorageWeakRef(buf.untyped_storage()))
 
     def add(self, buf: torch.Tensor) -> None:
+        deadline = time.monotonic() + self.settle
+        while any(not r.expired() for r in self.released) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        self.released = [r for r in self.released if not r.expired()]
         self.refs = [r for r in self.refs if not r.expired()]
         self.refs.append(StorageWeakRef(buf.untyped_storage()))
         self.gathers += 1
@@ -82,6 +99,11 @@ def track_gathered():
 def _track(buf: torch.Tensor) -> None:
     for t in _TRACKERS:
         t.add(buf)
+
+
+def _untrack(buf: torch.Tensor) -> None:
+    for t in _TRACKERS:
+        t.drop(buf)
 
 
 @dataclass(frozen=True)
@@ -197,7 +219,11 @@ class _Run:
         self.depth[g] -= 1
         if self.depth[g] > 0:
             return
-        for mod, name, old in self.ghosts.pop(g):
+        ghosts = self.ghosts.pop(g)
+        if _TRACKERS and ghosts:
+            mod, name, _ = ghosts[0]
+            self._untrack(g, mod._parameters[name])  # a view of the gathered buffer
+        for mod, name, old in ghosts:
             mod._parameters[name] = old
         for ptr, gg in list(self.ptr_to_group.items()):
             if gg == g:
@@ -225,4 +251,12 @@ class _Run:
 
     def done(self, g: str) -> None:
         """The group's gradient has been reduced: its backward copy is no longer needed."""
-        self.backward_bufs.pop(g, None)
+        buf = self.backward_bufs.pop(g, None)
+        if buf is not None and _TRACKERS:
+            self._untrack(g, buf)
+
+    def _untrack(self, g: str, buf: torch.Tensor) -> None:
+        # With nothing to gather (one rank, parameters in place) the "gathered" buffer is the
+        # state's own shard, alive by design: not something to wait for.
+        if buf.untyped_storage().data_ptr() != self.sources[g].untyped_storage().data_ptr():
+            _untrack(buf)

@@ -301,3 +301,29 @@ def test_bad_input_names_the_value():
         choose_stage("1B", num_shards=1, gpu_bytes=0)
     with pytest.raises(ValueError, match="batch=0"):
         gpt_activations(GPTConfig(), batch=0)
+
+
+def test_gather_tracker_waits_out_a_backend_reference_but_counts_a_held_buffer():
+    """A buffer the engine let go of but the collective backend still holds for a moment is not
+    counted (gloo drops its reference from a worker thread); one still held after ``settle``
+    (say, by autograd) is."""
+    import threading
+
+    from funzero._gather import GatherTracker
+
+    t = GatherTracker(settle=0.5)
+    box = {"a": torch.zeros(8)}
+    t.add(box["a"])
+    t.drop(box["a"])
+    timer = threading.Timer(0.02, box.pop, args=("a",))  # the "backend" lets go 20 ms later
+    timer.start()
+    t.add(torch.zeros(8))
+    timer.join()
+    assert t.peak == 1 and t.gathers == 2
+
+    held = torch.zeros(8)  # never let go
+    t2 = GatherTracker(settle=0.01)
+    t2.add(held)
+    t2.drop(held)
+    t2.add(torch.zeros(8))
+    assert t2.peak == 2
