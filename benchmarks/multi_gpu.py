@@ -29,10 +29,8 @@ draws tokens/s per GPU from result files (no GPU, no process group).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -182,14 +180,9 @@ def throughput(system, cfg, batch, args, device) -> dict:
             step(1)
             torch.cuda.synchronize()
         if rank == 0:
-            path = os.path.join(args.out, f"trace_{system}.json")
-            prof.export_chrome_trace(path)
-            kernels = ts.kernel_summary(path, steps=2)
+            kernels = ts.save_trace(prof, os.path.join(args.out, f"trace_{system}.json"), steps=2)
             log(f"{system} per step: GPU kernels {kernels['kernel_ms']:.1f} ms, collectives {kernels['comm_ms']:.1f} ms, "
                 f"of which no compute overlaps {kernels['comm_not_overlapped_ms']:.1f} ms")
-            with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
-                shutil.copyfileobj(f, z)
-            os.remove(path)
     with torch.device("meta"):
         flops = GPT(cfg).flops_per_token()
     tok = batch * args.seq / (ms / 1e3)

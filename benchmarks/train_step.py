@@ -241,12 +241,8 @@ def run(system, model_name, args, device) -> dict:
             sync(device)
         print(f"--- profile of 2 steps: {model_name} {system} ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "22")), max_name_column_width=60))
-        path = os.path.join(args.out, f"trace_{model_name}_{system}.json")
-        prof.export_chrome_trace(path)
-        print(json.dumps(kernel_summary(path, steps=2), indent=1))
-        with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
-            shutil.copyfileobj(f, z)
-        os.remove(path)
+        summary = save_trace(prof, os.path.join(args.out, f"trace_{model_name}_{system}.json"), steps=2)
+        print(json.dumps(summary, indent=1))
     ms = start.elapsed_time(end) / args.timed if start is not None else (time.perf_counter() - t0) * 1e3 / args.timed
     model = GPT(GPTConfig(**{**cfg.__dict__}))  # CPU, only for the FLOP count
     flops_tok = model.flops_per_token()
@@ -258,6 +254,16 @@ def run(system, model_name, args, device) -> dict:
         mfu=tok_s * flops_tok / PEAK_FLOPS, peak_gib=(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0),
         loss_first=float(losses[0]), loss_last=float(losses[-1]), warmup_s=t_warm,
     )
+
+
+def save_trace(prof, path: str, steps: int) -> dict:
+    """Write ``prof``'s chrome trace to ``path + ".gz"``; return its :func:`kernel_summary`."""
+    prof.export_chrome_trace(path)
+    summary = kernel_summary(path, steps)
+    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
+        shutil.copyfileobj(f, z)
+    os.remove(path)
+    return summary
 
 
 def kernel_summary(path: str, steps: int) -> dict:
