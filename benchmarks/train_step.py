@@ -143,7 +143,8 @@ def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool
 
 
 def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None, delayed_update=False,
-                   compile_blocks: bool = False, async_update: bool = False, graphed: bool = False):
+                   compile_blocks: bool = False, async_update: bool = False, graphed: bool = False,
+                   leaf_grads: bool = True):
     model = make_model(cfg, device, compile_blocks)
     plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {}, delayed_update=delayed_update,
                    async_update=async_update)
@@ -158,6 +159,7 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
         return apply(x, y)
 
     step_fn = fz.train_step(model, loss_fn, tx, plan)
+    step_fn.engine.leaf_grads = leaf_grads
     if compiled:
         step_fn = torch.compile(step_fn)
     if graphed:
@@ -181,7 +183,8 @@ def build(system: str, cfg, data, device, batch):
     if system.startswith("ds-zero"):
         return deepspeed_system(cfg, data, device, int(system[-1]), batch)
     if system.startswith("fz"):
-        # fz<stage>-<eager|compile>[-offload|-cg][:<kernels joined by +, or none>]; -cg: fz.cuda_graph
+        # fz<stage>-<eager|compile>[-offload|-cg|-flat][:<kernels joined by +, or none>]; -cg: fz.cuda_graph;
+        # -flat: an eager one-rank step packs the flat gradient (engine.leaf_grads off), for comparison
         name, _, kernels = system.partition(":")
         stage, mode = int(name[2]), name.split("-", 1)[1]
         if kernels:
@@ -189,7 +192,7 @@ def build(system: str, cfg, data, device, batch):
             cfg = GPTConfig(**{**cfg.__dict__, "kernels": ks})
         placement = {"opt_state": "cpu"} if mode.endswith("offload") else None
         return funzero_system(cfg, data, device, stage, compiled=mode.startswith("compile"), placement=placement,
-                              graphed=mode.endswith("-cg"))
+                              graphed=mode.endswith("-cg"), leaf_grads=not mode.endswith("-flat"))
     raise ValueError(f"unknown system {system!r}")
 
 

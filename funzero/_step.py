@@ -45,6 +45,7 @@ from funzero._plan import Plan
 from funzero._state import BINDINGS, TrainState
 from funzero.optim import GradientTransformation, ShardInfo, tree_map
 from funzero.optim._accumulate import MultiSteps, MultiStepsState
+from funzero.optim._base import LeafGrads
 
 __all__ = ["train_step"]
 
@@ -89,6 +90,7 @@ class _Engine:
         self.binding = None
         self.swaps: dict[int, torch.Tensor] = {}  # NVMe leaves renamed by this step's host update
         self.waits: tuple = (None, [])  # (binding, [(module, pre-hook)]) for async_update
+        self.leaf_grads = True  # eager one-rank steps hand AdamW the leaves' gradients (leafwise)
 
     def prepare(self, state: TrainState) -> None:
         if self.binding is not state.binding:
@@ -115,6 +117,31 @@ class _Engine:
             self.hooks = Stage3Hooks(self.model, b, self.spec, b.placement.compute)
 
     # --- forward and backward -----------------------------------------------------------------
+    def leafwise(self, state: TrainState) -> bool:
+        """Whether this step differentiates each leaf and hands the optimizer :class:`LeafGrads`:
+        an eager step on one rank (nothing to reduce, so no flat gradient is needed), everything
+        on the device, and an optimizer that reads leaves in its fused pass
+        (``fused_apply.leafwise``).
+
+        Not compiled steps: measured on torch 2.11 (H100, GPT-2 1.5B and 350M, benchmarks/NOTES.md)
+        the compiled step gained nothing from it (the flat copy went, but with one graph input per
+        leaf inductor's partitioner recomputed layer norms in backward) and peaked 1 GB higher.
+        ``leaf_grads = False`` on the engine turns it off (for comparisons).
+        """
+        p, b = self.plan, state.binding
+        target = state.master if state.master is not None else state.params
+        return (
+            self.leaf_grads
+            and not torch.compiler.is_compiling()
+            and p.num_shards == 1
+            and not self.gathered
+            and self.multi is None
+            and getattr(self.inner.fused_apply, "leafwise", False)
+            and not b.placement.offloaded("opt_state")
+            and not b.placement.offloaded("params")
+            and all(t.dtype == torch.float32 for t in target.values())
+        )
+
     def anchors(self, state: TrainState) -> dict:
         """The tensors to differentiate: one per group, shaped like the gradient it receives.
 
@@ -149,6 +176,8 @@ class _Engine:
             from funzero._offload import sync
 
             sync(state)  # this forward cannot wait group by group
+        if self.leafwise(state):
+            return self.forward_backward_leafwise(state, batch, loss_scale)
         anchors = self.anchors(state)
         leaves: dict[str, torch.Tensor] = {}
         if not self.gathered:
@@ -187,6 +216,29 @@ class _Engine:
                 hook.abort()  # the worker stops waiting for gradients that will not come
             raise
         return dict(zip(anchors, grads)), loss.detach(), aux
+
+    def forward_backward_leafwise(self, state: TrainState, batch: Any, loss_scale):
+        """One rank, eager: differentiate each leaf (a view of its group's buffer) and
+        keep the gradients as autograd made them (:class:`LeafGrads`); the optimizer's fused pass
+        reads them in place, so the flat gradient (a full copy) is never formed."""
+        b = state.binding
+        leaves = {path: v.detach().requires_grad_() for g, t in state.params.items()
+                  for path, v in b.layouts[g].unpack(t).items()}
+        model = self.model
+
+        def apply(*args, **kwargs):
+            return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
+
+        out = self.loss_fn(apply, batch)
+        loss, aux = out if self.has_aux else (out, None)
+        scaled = loss * loss_scale if loss_scale is not None else loss
+        grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        by_path = dict(zip(leaves, grads))
+        out_grads = {}
+        for g, lay in b.layouts.items():
+            out_grads[g] = LeafGrads([s.path for s in lay.slots], [by_path[s.path] for s in lay.slots],
+                                     [s.offset for s in lay.slots], lay.padded)
+        return out_grads, loss.detach(), aux
 
     def forward_backward_leaves(self, state: TrainState, batch: Any, loss_scale, hook):
         """Eager steps without stage-3 gathers: differentiate each leaf, finish each group at once.
@@ -578,9 +630,9 @@ class _Engine:
         """
         from funzero import ops
 
-        first = next(iter(grads.values()))
-        flag = torch.zeros((), dtype=torch.float32, device=first.device)
-        ops.nonfinite_(list(grads.values()), flag)
+        tensors = [t for x in grads.values() for t in (x.grads if isinstance(x, LeafGrads) else (x,))]
+        flag = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+        ops.nonfinite_(tensors, flag)
         return all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
 
     def __call__(self, state: TrainState, batch: Any):

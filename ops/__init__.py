@@ -10,7 +10,7 @@ The references are importable as ``funzero.ops.reference.<op>``.
 """
 
 from . import reference
-from ._adamw import adamw_, nonfinite_
+from ._adamw import adamw_, adamw_leaves_, nonfinite_
 from ._cpu_adamw import host_threads
 from ._cross_entropy import cross_entropy
 from ._dispatch import backend, get_backend
@@ -20,6 +20,7 @@ from ._quant import dequantize_int8, quantize_int8
 
 __all__ = [
     "adamw_",
+    "adamw_leaves_",
     "backend",
     "bias_gelu",
     "cross_entropy",

@@ -32,6 +32,14 @@ def _variants():
                    dict(BETA1=0.9, BETA2=0.95, LR_FROM_PTR=opt, STEP_FROM_PTR=opt, HAS_SCALE=opt, HAS_FLAG=opt,
                         HAS_OUT=True, MASKED=masked, BLOCK=4096),
                    ("master_ptr", "grad_ptr", "mu_ptr", "nu_ptr", "out_ptr"), not masked)
+        for aligned in (True, False):  # per-leaf gradients: hinted only where the host checked alignment
+            yield (_adamw._adamw_leaves_kernel,
+                   dict(master_ptr=f32, mu_ptr=f32, nu_ptr=f32, out_ptr=bf16, addr_ptr=i64, tiles_ptr="*i32",
+                        start_ptr=i64, numel_ptr=i64, decay_ptr=f32, lr_ptr=f32, lr_value="fp32", step_ptr=f32,
+                        step_value="i32", scale_ptr=f32, flag_ptr=f32, eps="fp32", num_tiles="i32"),
+                   dict(BETA1=0.9, BETA2=0.95, LR_FROM_PTR=True, STEP_FROM_PTR=True, HAS_SCALE=True, HAS_FLAG=True,
+                        HAS_OUT=True, GRAD_DTYPE=_adamw.tl.bfloat16, MASKED=masked, ALIGNED=aligned, BLOCK=4096),
+                   ("master_ptr", "mu_ptr", "nu_ptr", "out_ptr"), aligned and not masked)
         yield (_adamw._nonfinite_kernel, dict(x_ptr=bf16, flag_ptr=f32, num_tiles="i32", n_valid="i32"),
                dict(MASKED=masked, BLOCK=16384), ("x_ptr",), not masked)
         for kernel in (_quant._quantize_kernel, _quant._dequantize_kernel):
@@ -85,7 +93,7 @@ def main(arch: int = 90) -> int:
             fn = fn.fn
         signature = dict(signature, **{k: "constexpr" for k in constexprs})
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-        label = f"{fn.__name__} {constexprs.get('MASKED', '')}".strip()
+        label = f"{fn.__name__} {constexprs.get('MASKED', '')} {'aligned' if constexprs.get('ALIGNED') else ''}".strip()
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                       target=target, options={"num_warps": 8})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 
 import funzero as fz
+import funzero.ops as fo
 from tests._dist import run_world
 from tests._models import GROUPS, batches, lm_loss, tiny_gpt, torch_reference
 
@@ -286,3 +288,35 @@ def test_eager_reduces_each_group_as_soon_as_its_backward_is_done(stage):
     first = events.index(grads[0])
     assert grads[0] == f"{op} {sizes['blocks.1']}", events  # the last block's group goes first
     assert first < events.index("grad at the input of blocks.0"), events
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("stage", [0, 3])
+def test_one_rank_reads_leaf_gradients_in_place(backend, stage):
+    """On one rank an eager step's fused AdamW reads each leaf's gradient where autograd left it
+    (no flat gradient): bit for bit the state of the flat path. bf16 params with an fp32 master
+    and a decay mask; "triton" runs the Triton kernel in the interpreter, "auto" the CPU pass."""
+    data = batches(3)
+    states = {}
+    for name in ("leafwise", "flat"):
+        model = tiny_gpt()
+        plan = fz.zero(stage, groups=GROUPS)
+        adamw = tx = fz.optim.adamw(1e-2, weight_decay=0.1, mask=r"weight$")
+        state = fz.init(model, tx, plan, precision=fz.bf16())
+        step = fz.train_step(model, lm_loss, tx, plan)
+        step.engine.leaf_grads = name == "leafwise"
+        assert step.engine.leafwise(state) == (name == "leafwise")
+        # A chain with a prefix (clipping) needs the packed gradient: not leafwise.
+        clip = fz.optim.chain(fz.optim.clip_by_global_norm(1.0), adamw)
+        assert not fz.train_step(model, lm_loss, clip, plan).engine.leafwise(state)
+        with fo.backend(backend):
+            for b in data:
+                state, _ = step(state, b)
+        states[name] = state
+    a, b = states["leafwise"], states["flat"]
+    la, lb = (optree.tree_leaves(s, namespace="funzero") for s in (a, b))
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.master["blocks.0"], fz.init(tiny_gpt(), adamw, fz.zero(stage, groups=GROUPS),
+                                                          precision=fz.bf16()).master["blocks.0"])

@@ -236,3 +236,116 @@ def test_adamw_torch_compile_no_recompile():
     for backend, state in results.items():
         for got, want in zip(state, eager):
             torch.testing.assert_close(got.float(), want.float(), rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- per-leaf gradients
+
+
+def _leaf_layout(shapes, align=16):
+    """Offsets of leaves packed with ``align`` padding, like shardspec's FlatLayout."""
+    offsets, pos = [], 0
+    for s in shapes:
+        pos = -(-pos // align) * align
+        offsets.append(pos)
+        pos += torch.Size(s).numel()
+    return offsets, -(-pos // 64) * 64
+
+
+# Shapes chosen so that the interpreter's tile (16384) is crossed: whole tiles, ragged last
+# tiles, leaves smaller than one tile, and a misaligned start (the unhinted kernel).
+LEAF_SHAPES = [(130, 257), (7,), (16384,), (3, 5), (40000,)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("extras", ["plain", "scale+flag"])
+def test_adamw_leaves_equals_flat_bit_for_bit(backend, extras):
+    """Reading each leaf where it lies == the flat kernel on the scattered gradient, bit for bit
+    (master, moments, bf16 copy), with a per-leaf weight decay; padding is left untouched."""
+    torch.manual_seed(1)
+    offsets, n = _leaf_layout(LEAF_SHAPES)
+    grads = [torch.randn(s).bfloat16() for s in LEAF_SHAPES]
+    decays = [0.1, 0.0, 0.1, 0.0, 0.05]
+    flat_grad = torch.zeros(n, dtype=torch.bfloat16)
+    for g, a in zip(grads, offsets):
+        flat_grad[a : a + g.numel()] = g.reshape(-1)
+    p0 = torch.randn(n)
+    kw = {}
+    if extras == "scale+flag":
+        kw = dict(grad_scale=torch.tensor(0.5), found_inf=torch.tensor(0.0))
+    hp = dict(beta1=0.9, beta2=0.95, eps=1e-8)
+    flat = [p0.clone(), torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bfloat16)]
+    leaves = [p0.clone(), torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bfloat16)]
+    with fo.backend(backend):
+        for step in (1, 2):
+            for g, a, wd in zip(grads, offsets, decays):
+                e = a + g.numel()
+                fo.adamw_(flat[0][a:e], flat_grad[a:e], flat[1][a:e], flat[2][a:e], flat[3][a:e], lr=torch.tensor(1e-2),
+                          step=torch.tensor(float(step)), weight_decay=wd, **hp, **kw)
+            fo.adamw_leaves_(leaves[0], grads, offsets, leaves[1], leaves[2], leaves[3], lr=torch.tensor(1e-2),
+                             step=torch.tensor(float(step)), weight_decay=decays, **hp, **kw)
+    for a, b in zip(flat, leaves):
+        assert torch.equal(a, b)
+    covered = torch.zeros(n, dtype=torch.bool)
+    for g, a in zip(grads, offsets):
+        covered[a : a + g.numel()] = True
+    assert torch.equal(leaves[0][~covered], p0[~covered])  # padding untouched
+    assert not torch.equal(leaves[0][covered], p0[covered])
+
+
+def test_adamw_leaves_misaligned_and_noncontiguous():
+    """A leaf at an offset that is not a multiple of 16 (unhinted kernel) and a transposed
+    gradient (per-leaf path) give the flat result too."""
+    torch.manual_seed(2)
+    g1 = torch.randn(20000).bfloat16()
+    g2 = torch.randn(64, 40).bfloat16().t()  # not contiguous
+    offsets, n = [3, 20011], 23000
+    flat_grad = torch.zeros(n, dtype=torch.bfloat16)
+    flat_grad[3:20003] = g1
+    flat_grad[20011:22571] = g2.reshape(-1)
+    p0 = torch.randn(n)
+    hp = dict(lr=1e-2, step=1, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    ref = [p0.clone(), torch.zeros(n), torch.zeros(n)]
+    got = [p0.clone(), torch.zeros(n), torch.zeros(n)]
+    with fo.backend("triton"):
+        for a, e in ((3, 20003), (20011, 22571)):
+            fo.adamw_(ref[0][a:e], flat_grad[a:e], ref[1][a:e], ref[2][a:e], **hp)
+        fo.adamw_leaves_(got[0], [g1, g2], offsets, got[1], got[2], **hp)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+def test_adamw_leaves_address_tables_are_reused():
+    """The second call with the same gradient buffers finds its address table (no new one)."""
+    from funzero.ops._adamw import _LEAF_TABLES
+
+    shapes = [(101,), (3, 11)]  # a layout no other test uses
+    offsets, n = _leaf_layout(shapes)
+    grads = [torch.randn(s).bfloat16() for s in shapes]
+    master, mu, nu = torch.randn(n), torch.zeros(n), torch.zeros(n)
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0)
+    with fo.backend("triton"):
+        fo.adamw_leaves_(master, grads, offsets, mu, nu, step=1, **hp)
+        tabs = next(t for k, t in _LEAF_TABLES.items() if k[0] == tuple(offsets))
+        first = dict(tabs.addresses)
+        fo.adamw_leaves_(master, grads, offsets, mu, nu, step=2, **hp)
+        assert tabs.addresses.keys() == first.keys()
+        assert all(tabs.addresses[k][0] is first[k][0] for k in first)
+        other = [g.clone() for g in grads]  # new buffers: a new table, the old one kept
+        fo.adamw_leaves_(master, other, offsets, mu, nu, step=3, **hp)
+        assert len(tabs.addresses) == len(first) + 1
+
+
+def test_adamw_leaves_validation():
+    m, mu, nu = torch.zeros(40), torch.zeros(40), torch.zeros(40)
+    hp = dict(lr=1e-3, step=1, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0)
+    a, b = torch.zeros(16), torch.zeros(16)
+    with pytest.raises(ValueError, match=r"gradient 1 \(offset 8, 16 elements\) overlaps"):
+        fo.adamw_leaves_(m, [a, b], [0, 8], mu, nu, **hp)
+    with pytest.raises(ValueError, match=r"gradient 0 \(offset 32, 16 elements\) .* runs past the 40"):
+        fo.adamw_leaves_(m, [a], [32], mu, nu, **hp)
+    with pytest.raises(ValueError, match="2 gradients but 1 offsets"):
+        fo.adamw_leaves_(m, [a, b], [0], mu, nu, **hp)
+    with pytest.raises(ValueError, match="2 gradients but 3 weight decays"):
+        fo.adamw_leaves_(m, [a, b], [0, 16], mu, nu, **{**hp, "weight_decay": [0.1, 0.1, 0.1]})
+    with pytest.raises(ValueError, match=r"gradient 1 is torch.bfloat16, expected .* like gradient 0"):
+        fo.adamw_leaves_(m, [a, b.bfloat16()], [0, 16], mu, nu, **hp)

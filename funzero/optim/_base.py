@@ -22,6 +22,7 @@ from shardspec import FlatLayout
 __all__ = [
     "EmptyState",
     "GradientTransformation",
+    "LeafGrads",
     "ShardInfo",
     "apply_updates",
     "chain",
@@ -40,6 +41,36 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
 
 class EmptyState(NamedTuple):
     """State of a stateless transform."""
+
+
+class LeafGrads:
+    """One group's gradient as autograd produced it: a tensor per leaf, not packed into the
+    group's flat buffer.
+
+    On one rank nothing needs the packed buffer, and packing it is a full copy of the gradient.
+    The engine hands this to an optimizer whose ``fused_apply`` declares ``leafwise = True``
+    (:func:`funzero.optim.adamw`), which reads each leaf where it lies; :meth:`flat` packs it
+    for anything else.
+
+    Attributes:
+        paths: each leaf's path (for masks).
+        grads: each leaf's gradient, in the leaf's shape.
+        offsets: where each leaf starts in the flat buffer.
+        numel: elements of the flat buffer (leaves plus alignment padding).
+    """
+
+    __slots__ = ("paths", "grads", "offsets", "numel")
+
+    def __init__(self, paths: Sequence[str], grads: Sequence[torch.Tensor], offsets: Sequence[int], numel: int):
+        self.paths, self.grads, self.offsets, self.numel = tuple(paths), tuple(grads), tuple(offsets), numel
+
+    def flat(self) -> torch.Tensor:
+        """The packed ``(numel,)`` gradient, zeros in the padding."""
+        first = self.grads[0]
+        out = first.new_zeros(self.numel)
+        for g, a in zip(self.grads, self.offsets):
+            out[a : a + g.numel()].copy_(g.reshape(-1))
+        return out
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funzero.optim._base import EmptyState, GradientTransformation, ShardInfo, chain, tree_map
+from funzero.optim._base import EmptyState, GradientTransformation, LeafGrads, ShardInfo, chain, tree_map
 from funzero.optim._schedules import Schedule
 
 __all__ = [
@@ -409,6 +409,15 @@ def adamw(
         step = adam_state.count + 1
         lr = _value(learning_rate, sched.count)
         for k, g in grads.items():
+            if isinstance(g, LeafGrads):  # one rank: each leaf's gradient read where it lies
+                m_, mu_, nu_ = (t.view(-1) for t in (master[k], adam_state.mu[k], adam_state.nu[k]))
+                ops.adamw_leaves_(
+                    m_, list(g.grads), list(g.offsets), mu_, nu_, None if param_out is None else param_out[k].view(-1),
+                    lr=_on(lr, m_.device), step=_on(step, m_.device), beta1=b1, beta2=b2, eps=eps,
+                    weight_decay=[weight_decay if keep(path) else 0.0 for path in g.paths],
+                    grad_scale=grad_scale, found_inf=found_inf,
+                )
+                continue
             n = g.numel()
             decayed = _runs(info, k, n, keep)
             # Alternate decayed / undecayed runs covering the whole buffer.
@@ -447,6 +456,7 @@ def adamw(
     # the same incoming state each time; the moments update in place, the counts come back
     # advanced (fused_apply({}, state, {}) returns the new state alone).
     fused_apply.split = lambda state: (None, fused_apply, state, lambda _, new: new)
+    fused_apply.leafwise = True  # takes LeafGrads (the engine's one-rank gradients) as they are
     return GradientTransformation(inner.init, inner.update, fused_apply)
 
 
