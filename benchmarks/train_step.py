@@ -42,6 +42,7 @@ from funzero.models import GPT, GPTConfig, gpt_config  # noqa: E402
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (datasheet); the measured matmul ceiling is ~800
 MODELS = {"124m": ("gpt2", 16), "350m": ("gpt2-medium", 16), "774m": ("gpt2-large", 8), "1.5b": ("gpt2-xl", 8)}
 LR, BETAS, WD, EPS = 3e-4, (0.9, 0.95), 0.1, 1e-8
+CLIP = 0.0  # --clip: clip the gradient's global norm to this (0: no clipping), in every system
 
 
 def log(msg: str) -> None:
@@ -75,6 +76,8 @@ def torch_system(cfg, data, device, compiled: bool, graphed: bool = False):
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphed):
             loss = fwd(x, y)
         loss.backward()
+        if CLIP:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
         opt.step()
         return loss.detach()
 
@@ -128,6 +131,7 @@ def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": params},
         "steps_per_print": 10**9,
+        "gradient_clipping": CLIP,
         "wall_clock_breakdown": False,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -149,6 +153,8 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
     plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {}, delayed_update=delayed_update,
                    async_update=async_update)
     tx = fz.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+    if CLIP:
+        tx = fz.optim.chain(fz.optim.clip_by_global_norm(CLIP), tx)
     state = fz.init(model, tx, plan, precision=fz.bf16() if device.type == "cuda" else fz.fp32())
     gc.collect()
     if device.type == "cuda":
@@ -375,7 +381,10 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT") or "runs")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, no DeepSpeed")
     p.add_argument("--profile", default="", help="comma list of systems to profile for 2 steps (top CUDA kernels)")
+    p.add_argument("--clip", type=float, default=0.0, help="clip the global gradient norm to this in every system")
     args = p.parse_args(argv)
+    global CLIP
+    CLIP = args.clip
     args.profile = [x for x in args.profile.split(",") if x]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -399,6 +408,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 - record and go on: one OOM must not lose the table
                 traceback.print_exc()
                 r = dict(system=s, model=m, error=f"{type(e).__name__}: {e}")
+            r["clip"] = CLIP
             cleanup()
             rows.append(r)
             log(json.dumps(r))

@@ -574,8 +574,8 @@ class _Engine:
         prefix, last, last_state, join = parts
         new_prefix = None
         if prefix is not None:  # e.g. clipping: over all groups, on the device, before the copies
-            grads, new_prefix = prefix(grads, master, info)
-        # The host reads these anyway: one sync, with fp16 loss scaling only.
+            grads, new_prefix, grad_scale = prefix(grads, master, info, grad_scale)
+        # The host reads these anyway: one sync, with fp16 loss scaling or folded clipping only.
         host_scale = None if grad_scale is None else grad_scale.to("cpu")
         host_inf = None if found_inf is None else found_inf.to("cpu")
         update = self.group_update(state, last, last_state, host_scale, host_inf)

@@ -106,6 +106,12 @@ class GradientTransformation:
     ``fused_apply``, when present, performs ``update`` *and* the application to the master
     weights in one pass (and writes the low-precision parameter copy): the engine calls it
     instead of ``update`` + :func:`apply_updates`. It must compute the same function.
+
+    ``scale_by``, when present, says the transform is stateless and multiplies every update by
+    one scalar: ``scale_by(updates, prior, info) -> factor``, where ``prior`` (a float or 0-d
+    tensor) is the factor the updates still have to be multiplied by. A :func:`chain` of such
+    transforms before a fused optimizer folds them into the optimizer's ``grad_scale`` instead
+    of writing scaled gradients (clipping costs one read of the gradient, for its norm).
     """
 
     def __init__(
@@ -113,10 +119,12 @@ class GradientTransformation:
         init: Callable[[Tree], Any],
         update: Callable[..., tuple[Tree, Any]],
         fused_apply: Callable[..., Any] | None = None,
+        scale_by: Callable[..., Any] | None = None,
     ) -> None:
         self.init = init
         self.update = update
         self.fused_apply = fused_apply
+        self.scale_by = scale_by
 
     def __iter__(self):  # allows `init, update = tx` as in optax
         return iter((self.init, self.update))
@@ -131,7 +139,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transforms in sequence; the state is the tuple of their states.
 
     If the last transform can fuse its application (:attr:`GradientTransformation.fused_apply`),
-    so can the chain: the earlier transforms run, then the last one's fused pass.
+    so can the chain: the earlier transforms run, then the last one's fused pass. Earlier
+    transforms that only scale (``scale_by``: clipping, ``scale``) are folded into the fused
+    pass's ``grad_scale``; a loss scale to undo is applied before any of them.
     """
     if not transforms:
         raise ValueError("chain() needs at least one transform")
@@ -153,10 +163,33 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     last = transforms[-1]
     if last.fused_apply is not None:
 
+        prefix = transforms[:-1]
+        foldable = all(t.scale_by is not None for t in prefix)
+
+        def fold(grads, grad_scale, info, device):
+            """The one factor the fused pass scales the gradients by: the loss scale to undo
+            times each leading transform's factor (no scaled copy of the gradients)."""
+            factor = 1.0 if grad_scale is None else grad_scale
+            for t in prefix:
+                factor = factor * t.scale_by(grads, factor, info)
+            if isinstance(factor, torch.Tensor):
+                return factor.to(device, torch.float32)
+            return torch.full((), float(factor), device=device)
+
+        def unscaled(grads, grad_scale):
+            """Leading transforms that must see the gradients see them with the loss scale undone."""
+            return grads if grad_scale is None else {k: g * grad_scale.to(g.device, g.dtype) for k, g in grads.items()}
+
         def fused(grads, state, master, **kw):
+            if foldable:
+                if prefix:
+                    device = next(iter(master.values())).device
+                    kw["grad_scale"] = fold(grads, kw.get("grad_scale"), kw.get("info"), device)
+                return (*state[:-1], last.fused_apply(grads, state[-1], master, **kw))
             # Stateless leading transforms (clipping, scaling) run where the gradients are, which
             # saves moving them twice when the optimizer state lives on the host; the first
             # transform with state moves them to it (kw["to_state"]).
+            grads, kw["grad_scale"] = unscaled(grads, kw.get("grad_scale")), None
             to_state = kw.get("to_state")
             new = []
             for t, s in zip(transforms[:-1], state[:-1]):
@@ -176,16 +209,20 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             if parts is None or parts[0] is not None or any(_has_tensors(s) for s in state[:-1]):
                 return None  # no per-group update, a nested prefix, or a leading state to keep
 
-            def prefix(grads, master, info):
-                new = []
+            def run_prefix(grads, master, info, grad_scale):
+                """``(grads, new leading states, the grad_scale the update applies from here)``."""
+                if foldable:
+                    return grads, list(state[:-1]), fold(grads, grad_scale, info, next(iter(grads.values())).device)
+                grads, new = unscaled(grads, grad_scale), []
                 for t, s in zip(transforms[:-1], state[:-1]):
                     grads, s = t.update(grads, s, master, info=info)
                     new.append(s)
-                return grads, new
+                return grads, new, None
 
-            return prefix, last.fused_apply, state[-1], lambda new_prefix, new_last: (*new_prefix, new_last)
+            return run_prefix, last.fused_apply, state[-1], lambda new_prefix, new_last: (*new_prefix, new_last)
 
         fused.split = split
+        fused.leafwise = foldable and getattr(last.fused_apply, "leafwise", False)
 
     return GradientTransformation(init, update, fused)
 

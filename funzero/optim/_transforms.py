@@ -120,7 +120,7 @@ def scale(step_size: float) -> GradientTransformation:
     def update(updates, state, params=None, **_):
         return tree_map(lambda u: u * step_size, updates), state
 
-    return GradientTransformation(lambda p: EmptyState(), update)
+    return GradientTransformation(lambda p: EmptyState(), update, scale_by=lambda updates, prior, info=None: step_size)
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -261,9 +261,17 @@ def partition(transforms: dict[str, GradientTransformation], labels: Callable[[s
 
 
 def global_norm(tree, info: ShardInfo | None = None) -> torch.Tensor:
-    """L2 norm over every element of the tree (fp32), summed across shards when sharded."""
-    sq = [t.to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum() for t in tree.values()]
-    total = torch.stack(sq).sum() if sq else torch.zeros(())
+    """L2 norm over every element of the tree (fp32), summed across shards when sharded.
+
+    A value may be :class:`LeafGrads` (a group's gradient as separate leaves)."""
+    leaves = [t for v in tree.values() for t in (v.grads if isinstance(v, LeafGrads) else (v,))]
+    if leaves:
+        # One multi-tensor pass that reads each gradient once and accumulates in fp32 (fp64 for
+        # fp64 trees); per-tensor casts and squares would write the gradient out twice in fp32.
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+        total = torch.stack(torch._foreach_norm(leaves, 2, dtype=acc)).square().sum()
+    else:
+        total = torch.zeros(())
     if info is not None and info.sharded:
         total = info.psum(total)
     return total.sqrt()
@@ -278,13 +286,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     if not max_norm > 0:
         raise ValueError(f"clip_by_global_norm needs max_norm > 0, got {max_norm=}")
 
-    def update(updates, state, params=None, info: ShardInfo | None = None, **_):
-        norm = global_norm(updates, info)
+    def factor_of(norm: torch.Tensor) -> torch.Tensor:
         # optax: trigger = norm < max_norm; clipped = u / norm * max_norm otherwise.
-        factor = torch.where(norm < max_norm, torch.ones_like(norm), max_norm / norm)
+        return torch.where(norm < max_norm, torch.ones_like(norm), max_norm / norm)
+
+    def update(updates, state, params=None, info: ShardInfo | None = None, **_):
+        factor = factor_of(global_norm(updates, info))
         return tree_map(lambda u: u * factor.to(u.dtype), updates), state
 
-    return GradientTransformation(lambda p: EmptyState(), update)
+    def scale_by(updates, prior, info=None):
+        # The norm of the updates once multiplied by `prior`, without forming them.
+        norm = global_norm(updates, info)
+        return factor_of(norm * (prior.to(norm.device).abs() if isinstance(prior, torch.Tensor) else abs(prior)))
+
+    return GradientTransformation(lambda p: EmptyState(), update, scale_by=scale_by)
 
 
 # --- momentum and adaptive -------------------------------------------------------------------
