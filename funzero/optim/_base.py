@@ -48,9 +48,9 @@ class LeafGrads:
     group's flat buffer.
 
     On one rank nothing needs the packed buffer, and packing it is a full copy of the gradient.
-    The engine hands this to an optimizer whose ``fused_apply`` declares ``leafwise = True``
-    (:func:`funzero.optim.adamw`), which reads each leaf where it lies; :meth:`flat` packs it
-    for anything else.
+    The engine hands this only to an optimizer whose ``fused_apply`` declares ``leafwise = True``
+    (:func:`funzero.optim.adamw`, and a :func:`chain` of scaling transforms before it), which
+    reads each leaf where it lies.
 
     Attributes:
         paths: each leaf's path (for masks).
@@ -63,14 +63,6 @@ class LeafGrads:
 
     def __init__(self, paths: Sequence[str], grads: Sequence[torch.Tensor], offsets: Sequence[int], numel: int):
         self.paths, self.grads, self.offsets, self.numel = tuple(paths), tuple(grads), tuple(offsets), numel
-
-    def flat(self) -> torch.Tensor:
-        """The packed ``(numel,)`` gradient, zeros in the padding."""
-        first = self.grads[0]
-        out = first.new_zeros(self.numel)
-        for g, a in zip(self.grads, self.offsets):
-            out[a : a + g.numel()].copy_(g.reshape(-1))
-        return out
 
 
 @dataclass(frozen=True)
