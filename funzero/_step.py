@@ -164,6 +164,18 @@ class _Engine:
                 out[g] = torch.zeros((), dtype=dtype, device=b.placement.compute).expand(numel).requires_grad_()
         return out
 
+    def loss_of(self, leaves: dict, batch: Any, loss_scale: torch.Tensor | None):
+        """``loss_fn`` with ``leaves`` as the model's parameters: ``(loss, aux, the loss to
+        differentiate)`` (times the fp16 loss scale, if any)."""
+        model = self.model
+
+        def apply(*args, **kwargs):
+            return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
+
+        out = self.loss_fn(apply, batch)
+        loss, aux = out if self.has_aux else (out, None)
+        return loss, aux, (loss * loss_scale if loss_scale is not None else loss)
+
     def forward_backward(self, state: TrainState, batch: Any, loss_scale: torch.Tensor | None):
         p, b = self.plan, state.binding
         hook = self.stream_hook(state)
@@ -190,18 +202,12 @@ class _Engine:
                 else:
                     full = a  # differentiate the param buffer itself
                 leaves.update(lay.unpack(full))
-        model = self.model
         if hook is not None:
             for g, a in anchors.items():
                 a.register_hook(functools.partial(_stream_grad, hook, g))
 
-        def apply(*args, **kwargs):
-            return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
-
         def run():
-            out = self.loss_fn(apply, batch)
-            loss, aux = out if self.has_aux else (out, None)
-            scaled = loss * loss_scale if loss_scale is not None else loss
+            loss, aux, scaled = self.loss_of(leaves, batch, loss_scale)
             return loss, aux, torch.autograd.grad(scaled, list(anchors.values()))
 
         try:
@@ -222,16 +228,8 @@ class _Engine:
         keep the gradients as autograd made them (:class:`LeafGrads`); the optimizer's fused pass
         reads them in place, so the flat gradient (a full copy) is never formed."""
         b = state.binding
-        leaves = {path: v.detach().requires_grad_() for g, t in state.params.items()
-                  for path, v in b.layouts[g].unpack(t).items()}
-        model = self.model
-
-        def apply(*args, **kwargs):
-            return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
-
-        out = self.loss_fn(apply, batch)
-        loss, aux = out if self.has_aux else (out, None)
-        scaled = loss * loss_scale if loss_scale is not None else loss
+        leaves = _fresh_leaves(b, state.params)
+        loss, aux, scaled = self.loss_of(leaves, batch, loss_scale)
         grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
         by_path = dict(zip(leaves, grads))
         out_grads = {}
@@ -259,8 +257,7 @@ class _Engine:
         n = p.num_shards
         prec = b.precision
         hosted = set(_host_groups(b)) if hook is not None else set()
-        leaves = {path: v.detach().requires_grad_() for g, t in state.params.items()
-                  for path, v in b.layouts[g].unpack(t).items()}
+        leaves = _fresh_leaves(b, state.params)
         done: dict[str, Any] = {}
         pending: dict[str, list] = {g: [] for g in b.layouts}
         zeros: dict = {}
@@ -293,16 +290,9 @@ class _Engine:
         for g, lay in b.layouts.items():
             for slot in lay.slots:
                 leaves[slot.path].register_hook(functools.partial(on_grad, g, slot))
-        model = self.model
         waits = self.async_waits(b) if p.async_update else []
-
-        def apply(*args, **kwargs):
-            return functional_call(model, leaves, args, kwargs, tie_weights=True, strict=False)
-
         try:
-            out = self.loss_fn(apply, batch)
-            loss, aux = out if self.has_aux else (out, None)
-            scaled = loss * loss_scale if loss_scale is not None else loss
+            loss, aux, scaled = self.loss_of(leaves, batch, loss_scale)
             torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
         except BaseException:
             if hook is not None:
@@ -751,6 +741,11 @@ def _nvme_commit(store, pending, master, opt_state):
 
     master = None if master is None else {g: swap(t) for g, t in master.items()}
     return master, None if opt_state is None else optree.tree_map(swap, opt_state, namespace="funzero")
+
+
+def _fresh_leaves(b, params: dict) -> dict[str, torch.Tensor]:
+    """Each leaf as a view of its group's buffer, detached and requiring grad (eager steps)."""
+    return {path: v.detach().requires_grad_() for g, t in params.items() for path, v in b.layouts[g].unpack(t).items()}
 
 
 def _grad_dtype(prec, n: int) -> torch.dtype:
