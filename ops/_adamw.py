@@ -277,15 +277,15 @@ class _LeafTables:
         self.decays = table(list(decays), torch.float32)
         self.starts_aligned = all(o % 16 == 0 for o in offsets)
         # Address tables of the buffers this layout updates (groups of one shape share a layout):
-        # (master address, gradient addresses) -> (device table, kept for a captured graph,
-        # the host buffer a captured graph copies it from).
+        # (master address, gradient addresses) -> (device table, kept for a captured graph).
         self.addresses: dict = {}
-        self.users: set[int] = set()  # master addresses seen outside capture
-        self.spare: list[Tensor] = []  # page-locked host buffers for tables made during capture
+        self.capture_rows: Tensor | None = None  # page-locked host rows for tables made in capture
+        self.captured = 0  # rows handed out (never reused: a captured graph reads its row at replay)
 
 
 _LEAF_TABLES: dict = {}
-_LOOSE_PER_USER = 4  # address tables kept per buffer, not counting those a captured graph reads
+_CAPTURE_TABLES = 256  # address tables per layout that CUDA graph captures may make, in all
+_LOOSE_TABLES = 256  # other address tables kept per layout (the oldest goes first)
 
 
 def _leaf_tables(offsets, numels, decays, block: int, device: torch.device) -> _LeafTables:
@@ -296,24 +296,25 @@ def _leaf_tables(offsets, numels, decays, block: int, device: torch.device) -> _
     return tabs
 
 
-def _registered_host_buffer(n: int) -> Tensor:
-    """An ``(n,)`` int64 host buffer page-locked with ``cudaHostRegister``, outside torch's
-    caching host allocator: a copy from it inside a CUDA graph capture records no allocator
-    event (an event recorded during capture breaks the allocator's later queries)."""
-    buf = torch.empty(n, dtype=torch.int64)
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+def _capture_rows(n: int) -> Tensor:
+    """``(_CAPTURE_TABLES, n)`` int64 host rows page-locked by one ``cudaHostRegister``, outside
+    torch's caching host allocator: a copy from them inside a CUDA graph capture records no
+    allocator event (an event recorded during capture breaks the allocator's later queries)."""
+    rows = torch.empty(_CAPTURE_TABLES, n, dtype=torch.int64)
+    err = torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), rows.numel() * rows.element_size(), 0)
     if int(err) != 0:
         raise RuntimeError(f"adamw_leaves_: cudaHostRegister failed ({err})")
-    return buf
+    return rows
 
 
 def _address_table(tabs: _LeafTables, master: Tensor, grads: list) -> Tensor:
     """The device table of the gradients' addresses, made once per set of addresses.
 
-    Steady-state steps find their table (the caching allocator hands autograd the same blocks,
-    and a CUDA graph replays fixed ones). A table made while a CUDA graph is being captured is
-    copied in the graph from a page-locked host buffer set aside before capture; the graph
-    reads that buffer at each replay, so buffer and table are kept as long as the process lives.
+    Steady-state steps find their table (a CUDA graph replays fixed addresses; without one the
+    caching allocator may hand autograd other blocks, and a new table is one small asynchronous
+    copy). A table made while a CUDA graph is being captured is copied in the graph from a
+    page-locked host row set aside before capture; the graph reads that row at each replay, so
+    row and table are kept as long as the process lives.
     """
     device = master.device
     key = (master.data_ptr(), *(g.data_ptr() for g in grads))
@@ -321,14 +322,15 @@ def _address_table(tabs: _LeafTables, master: Tensor, grads: list) -> Tensor:
     hit = tabs.addresses.get(key)
     if hit is not None:
         if capturing:
-            tabs.addresses[key] = (hit[0], True, hit[2])
+            tabs.addresses[key] = (hit[0], True)
         return hit[0]
-    host = None
     if capturing:
-        if not tabs.spare:
-            raise RuntimeError("adamw_leaves_: no host buffer left for an address table made during CUDA "
-                               "graph capture; run the step once before capturing it")
-        host = tabs.spare.pop()
+        if tabs.capture_rows is None or tabs.captured == _CAPTURE_TABLES:
+            raise RuntimeError("adamw_leaves_: no host row left for an address table made during CUDA graph "
+                               f"capture (run the step once before capturing it; at most {_CAPTURE_TABLES} "
+                               "tables per layout are made in captures)")
+        host = tabs.capture_rows[tabs.captured]
+        tabs.captured += 1
         host.copy_(torch.tensor(key[1:], dtype=torch.int64))
         table = torch.empty(len(grads), dtype=torch.int64, device=device)
         table.copy_(host, non_blocking=True)
@@ -339,14 +341,13 @@ def _address_table(tabs: _LeafTables, master: Tensor, grads: list) -> Tensor:
             # drain, and the host would stop running ahead (measured: 84 -> 96 ms a step at 350M
             # without CUDA graphs, where the allocator hands autograd new addresses each step).
             host_table = host_table.pin_memory()
+            if tabs.capture_rows is None:
+                tabs.capture_rows = _capture_rows(len(grads))
         table = host_table.to(device, non_blocking=True)
-        tabs.users.add(key[0])
-        while device.type == "cuda" and len(tabs.spare) < len(tabs.users):
-            tabs.spare.append(_registered_host_buffer(len(grads)))
-        loose = [k for k, v in tabs.addresses.items() if not v[1]]
-        if len(loose) >= _LOOSE_PER_USER * len(tabs.users):
+        loose = [k for k, (_, kept) in tabs.addresses.items() if not kept]
+        if len(loose) >= _LOOSE_TABLES:
             del tabs.addresses[loose[0]]  # the oldest; stream order keeps launches queued on it safe
-    tabs.addresses[key] = (table, capturing, host)
+    tabs.addresses[key] = (table, capturing)
     return table
 
 
