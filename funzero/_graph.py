@@ -43,6 +43,12 @@ def _check_like(what: str, path: str, got: torch.Tensor, want: torch.Tensor) -> 
         )
 
 
+def _alias_pattern(leaves: list) -> list[int]:
+    """For each leaf, the index of the first leaf that is the same tensor (itself if none)."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(x), i) if isinstance(x, torch.Tensor) else i for i, x in enumerate(leaves)]
+
+
 class _Graphed:
     def __init__(self, step: Callable, warmup: int) -> None:
         if warmup < 1:
@@ -54,6 +60,7 @@ class _Graphed:
         self.state = None  # the recorded state: its leaves are the graph's inputs
         self.state_leaves: list = []
         self.batch_leaves: list = []
+        self.batch_alias: list[int] = []
         self.batch_spec = None
         self.metrics = None
         self.replay: Callable[[], None] | None = None
@@ -88,7 +95,13 @@ class _Graphed:
         self.state = state
         paths, self.state_leaves, _ = _leaves(state)
         _, leaves, self.batch_spec = _leaves(batch)
-        self.batch_leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        # One recorded buffer per distinct tensor: a batch that passes one tensor twice keeps
+        # doing so (a compiled step guards on that aliasing and would recompile at recording).
+        self.batch_alias = _alias_pattern(leaves)
+        self.batch_leaves = []
+        for i, (x, first) in enumerate(zip(leaves, self.batch_alias)):
+            self.batch_leaves.append(self.batch_leaves[first] if first != i
+                                     else x.clone() if isinstance(x, torch.Tensor) else x)
         device = next(x.device for x in self.state_leaves if isinstance(x, torch.Tensor))
         _check_placed(paths, self.state_leaves, device)
         if device.type != "cuda":
@@ -111,7 +124,15 @@ class _Graphed:
         paths, leaves, spec = _leaves(batch)
         if spec != self.batch_spec:
             raise ValueError(f"cuda_graph: the batch's structure changed from the recorded one ({self.batch_spec} -> {spec})")
-        for path, dst, src in zip(paths, self.batch_leaves, leaves):
+        for i, (path, first, now) in enumerate(zip(paths, self.batch_alias, _alias_pattern(leaves))):
+            if first != i and now != first:
+                raise ValueError(
+                    f"cuda_graph: batch leaf {path!r} was recorded as the same tensor as leaf {paths[first]!r} "
+                    "(one buffer); pass the same tensor there again, or record with distinct tensors"
+                )
+        for i, (path, dst, src) in enumerate(zip(paths, self.batch_leaves, leaves)):
+            if self.batch_alias[i] != i:
+                continue  # the same buffer as an earlier leaf, filled there
             if not isinstance(dst, torch.Tensor):
                 if dst != src:
                     raise ValueError(f"cuda_graph: batch leaf {path or '<root>'!r} changed from {dst!r} to {src!r}")
@@ -175,7 +196,8 @@ def cuda_graph(step: Callable, *, warmup: int = 3) -> Callable:
         ValueError: a state leaf placed off the compute device (offload cannot be recorded), an
             ``optim.multi_steps`` state (its branch is taken on the host), a
             batch or state leaf whose shape or dtype differs from the recorded one (named by its
-            path), or ``warmup < 1``.
+            path), a batch that no longer passes one tensor where the recorded one did (one
+            buffer was recorded for both leaves), or ``warmup < 1``.
 
     Example:
         >>> step = fz.cuda_graph(torch.compile(fz.train_step(model, loss_fn, tx, plan)))

@@ -145,3 +145,39 @@ def test_gradient_accumulation_state_is_refused_at_recording():
     state, _ = fn(state, data[0])
     with pytest.raises(ValueError, match="opt_state is optim.multi_steps' state"):
         fn(state, data[1])
+
+
+def test_a_batch_that_passes_one_tensor_twice_keeps_one_buffer():
+    """``(x, x)`` is recorded as one buffer, so a compiled step's aliasing guard holds on replay
+    (no recompile: frame count unchanged after recording) and the losses equal plain steps'; a
+    later batch that breaks the recorded aliasing is refused by its leaf."""
+    from torch._dynamo.testing import CompileCounter
+
+    def loss_fn(apply, batch):
+        x, y = batch
+        return apply(x, y)
+
+    results = {}
+    for graphed in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        model = tiny_gpt()
+        plan = fz.zero(2, groups=GROUPS)
+        tx = optim.adamw(1e-2, weight_decay=0.1)
+        state = fz.init(model, tx, plan)
+        fn = torch.compile(fz.train_step(model, loss_fn, tx, plan), backend=counter)
+        if graphed:
+            fn = fz.cuda_graph(fn, warmup=2)
+        losses, frames = [], []
+        for x, _ in batches(5):
+            state, m = fn(state, (x, x))
+            losses.append(m["loss"])
+            frames.append(counter.frame_count)
+        results[graphed] = losses
+        if graphed:
+            assert fn.batch_leaves[0] is fn.batch_leaves[1]
+            assert frames[-1] == frames[1], frames  # the recording call and replays compiled nothing new
+            x, y = batches(1)[0]
+            with pytest.raises(ValueError, match=r"batch leaf '1' was recorded as the same tensor as leaf '0'"):
+                fn(state, (x, y))
+    assert [float(v) for v in results[True]] == [float(v) for v in results[False]]
