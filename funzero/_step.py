@@ -45,7 +45,7 @@ from funzero._plan import Plan
 from funzero._state import BINDINGS, TrainState
 from funzero.optim import GradientTransformation, ShardInfo, tree_map
 from funzero.optim._accumulate import MultiSteps, MultiStepsState
-from funzero.optim._base import LeafGrads
+from funzero.optim._base import LeafGrads, gradient_tensors
 
 __all__ = ["train_step"]
 
@@ -620,7 +620,7 @@ class _Engine:
         """
         from funzero import ops
 
-        tensors = [t for x in grads.values() for t in (x.grads if isinstance(x, LeafGrads) else (x,))]
+        tensors = gradient_tensors(grads)
         flag = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         ops.nonfinite_(tensors, flag)
         return all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")

@@ -26,6 +26,7 @@ __all__ = [
     "ShardInfo",
     "apply_updates",
     "chain",
+    "gradient_tensors",
     "identity",
     "named_chain",
     "tree_map",
@@ -63,6 +64,11 @@ class LeafGrads:
 
     def __init__(self, paths: Sequence[str], grads: Sequence[torch.Tensor], offsets: Sequence[int], numel: int):
         self.paths, self.grads, self.offsets, self.numel = tuple(paths), tuple(grads), tuple(offsets), numel
+
+
+def gradient_tensors(grads: Mapping[str, Any]) -> list[torch.Tensor]:
+    """Every tensor of ``{group: gradient}``, a :class:`LeafGrads` contributing its leaves."""
+    return [t for g in grads.values() for t in (g.grads if isinstance(g, LeafGrads) else (g,))]
 
 
 @dataclass(frozen=True)

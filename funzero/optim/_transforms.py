@@ -13,7 +13,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from funzero.optim._base import EmptyState, GradientTransformation, LeafGrads, ShardInfo, chain, tree_map
+from funzero.optim._base import (
+    EmptyState,
+    GradientTransformation,
+    LeafGrads,
+    ShardInfo,
+    chain,
+    gradient_tensors,
+    tree_map,
+)
 from funzero.optim._schedules import Schedule
 
 __all__ = [
@@ -264,7 +272,7 @@ def global_norm(tree, info: ShardInfo | None = None) -> torch.Tensor:
     """L2 norm over every element of the tree (fp32), summed across shards when sharded.
 
     A value may be :class:`LeafGrads` (a group's gradient as separate leaves)."""
-    leaves = [t for v in tree.values() for t in (v.grads if isinstance(v, LeafGrads) else (v,))]
+    leaves = gradient_tensors(tree)
     if leaves:
         # One multi-tensor pass that reads each gradient once and accumulates in fp32 (fp64 for
         # fp64 trees); per-tensor casts and squares would write the gradient out twice in fp32.
