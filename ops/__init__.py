@@ -14,7 +14,8 @@ from ._adamw import adamw_, adamw_leaves_, nonfinite_
 from ._cpu_adamw import host_threads
 from ._cross_entropy import cross_entropy
 from ._dispatch import backend, get_backend
-from ._gelu import bias_gelu
+from ._gelu import bias_gelu, linear_gelu
+from ._heads import linear_qkv
 from ._norms import layer_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
 
@@ -28,6 +29,8 @@ __all__ = [
     "get_backend",
     "host_threads",
     "layer_norm",
+    "linear_gelu",
+    "linear_qkv",
     "nonfinite_",
     "quantize_int8",
     "reference",

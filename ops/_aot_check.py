@@ -18,7 +18,7 @@ import sys
 
 
 def _variants():
-    from . import _adamw, _cross_entropy, _gelu, _norms, _quant
+    from . import _adamw, _cross_entropy, _gelu, _heads, _norms, _quant
 
     f32, bf16, i64 = "*fp32", "*bf16", "*i64"
     k0 = math.sqrt(2.0 / math.pi)
@@ -65,6 +65,14 @@ def _variants():
            dict(dy_ptr=bf16, x_ptr=bf16, b_ptr=bf16, dx_ptr=bf16, db_part_ptr=f32, M="i32", H="i32",
                 num_row_tiles="i32", tiles_per_program="i32"),
            dict(K0=k0, BLOCK_M=16, BLOCK_N=256), ("x_ptr", "b_ptr", "dx_ptr", "dy_ptr", "H"), True)
+    yield (_gelu._gelu_bwd_tile_kernel, dict(dy_ptr=bf16, x_ptr=bf16, dx_ptr=bf16, db_part_ptr=f32, M="i32", H="i32"),
+           dict(WANT_DB=True, K0=k0, BLOCK_M=32, BLOCK_N=128), ("x_ptr", "dx_ptr", "dy_ptr", "H"), True)
+    yield (_heads._heads_grad_kernel,
+           dict(q_ptr=bf16, k_ptr=bf16, v_ptr=bf16, out_ptr=bf16, part_ptr=f32, T="i32", NH="i32", HS="i32", C="i32",
+                n_t_tiles="i32", **{f"s{t}{i}": "i32" for t in "qkv" for i in range(3)}),
+           dict(WANT_DB=True, BLOCK_T=128, BLOCK_D=64, sq3=1, sk3=1, sv3=1),  # Triton specialises stride 1
+           ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "HS", "C", "sq0", "sq1", "sq2", "sk0", "sk1", "sk2", "sv0", "sv1",
+            "sv2"), True)
     yield (_cross_entropy._ce_fwd_kernel,
            dict(logits_ptr=bf16, targets_ptr=i64, loss_ptr=f32, lse_ptr=f32, V="i32", row_stride="i32",
                 ignore_index="i32"),

@@ -13,9 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import funzero.ops as fo  # noqa: E402
+from tests._recorder import OpRecorder  # noqa: E402
 from funzero.ops import _dispatch  # noqa: E402
 
 if not _dispatch.INTERPRET:  # pragma: no cover
@@ -109,21 +109,15 @@ def test_bias_gelu_eager_fast_path_matches_custom_op():
     """Eager calls skip the custom-op dispatcher; under a dispatch mode (as under tracing) the custom
     op runs instead, bit-identically."""
 
-    class Recorder(TorchDispatchMode):
-        ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     x = (torch.randn(3, 5, 300) * 3).to(torch.bfloat16).requires_grad_()
     b = torch.randn(300).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(3, 5, 300).to(torch.bfloat16)
     with fo.backend("triton"):
         got = _run(fo.bias_gelu, x, b, dy)
-        with Recorder():
+        rec = OpRecorder()
+        with rec:
             got_op = _run(fo.bias_gelu, x, b, dy)
-    assert "funzero.bias_gelu_fwd.default" in Recorder.ops and "funzero.bias_gelu_bwd.default" in Recorder.ops
+    assert "funzero.bias_gelu_fwd.default" in rec.ops and "funzero.bias_gelu_bwd.default" in rec.ops
     for g, g_op in zip(got, got_op):
         assert torch.equal(g, g_op)

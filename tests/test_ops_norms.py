@@ -12,9 +12,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import funzero.ops as fo  # noqa: E402
+from tests._recorder import OpRecorder  # noqa: E402
 from funzero.ops import _dispatch, _norms  # noqa: E402
 
 if not _dispatch.INTERPRET:  # pragma: no cover
@@ -137,16 +137,6 @@ def test_norm_zero_rows():
         assert torch.equal(grads[1], torch.zeros(8)) and torch.equal(grads[2], torch.zeros(8))
 
 
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norm_eager_fast_path_matches_custom_op(kind):
     """Eager calls skip the custom-op dispatcher (``direct_call``); under any dispatch mode (as under
@@ -156,7 +146,7 @@ def test_norm_eager_fast_path_matches_custom_op(kind):
     assert _dispatch.direct_call(x, w, b)
     with fo.backend("triton"):
         y, grads = _run(op, x, w, b, dy)
-        recorder = _Recorder()
+        recorder = OpRecorder()
         with recorder:
             assert not _dispatch.direct_call(x, w, b)
             y_op, grads_op = _run(op, x, w, b, dy)

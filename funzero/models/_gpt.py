@@ -26,10 +26,12 @@ class GPTConfig:
     n_embd: int = 768
     bias: bool = True
     fused: bool = True  # use funzero.ops kernels where `kernels` says (False: plain torch ops)
-    # Which funzero.ops kernels the model calls. Cross-entropy by default: it beats F.cross_entropy
-    # eager and compiled in time and memory; the norm and GeLU kernels lose to inductor's fused
-    # code under torch.compile (benchmarks/NOTES.md), so compiled steps leave those to inductor.
-    kernels: tuple[str, ...] = ("ce",)
+    # Which funzero.ops kernels the model calls (see _KERNELS). By default the cross-entropy (it
+    # beats F.cross_entropy eager and compiled, in time and memory) and the two fused backward
+    # passes, mlp and qkv, whose forward stays plain ops for inductor to fuse (1.0% of the compiled
+    # GPT-2 1.5B step on an H100). The norm and bias+GeLU kernels lose to inductor's fused code
+    # under torch.compile, so they are opt-in (benchmarks/NOTES.md).
+    kernels: tuple[str, ...] = ("ce", "mlp", "qkv")
     # Activation checkpointing (Chen et al., 2016): the first `recompute` blocks keep only their
     # input during forward and run forward again in backward. Costs one block forward each and
     # frees that block's activations (~0.39 GiB per GPT-2 1.5B block at B=8, T=1024, bf16), memory
@@ -41,15 +43,22 @@ class GPTConfig:
             raise ValueError(f"recompute must be between 0 and n_layer={self.n_layer}, got {self.recompute=}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd must be divisible by n_head, got {self.n_embd=}, {self.n_head=}")
-        bad = set(self.kernels) - {"ce", "ce-inplace", "norm", "gelu"}
+        bad = set(self.kernels) - set(_KERNELS)
         if bad:
-            raise ValueError(f"unknown kernels {sorted(bad)}; choose from 'ce', 'ce-inplace', 'norm', 'gelu'")
+            raise ValueError(f"unknown kernels {sorted(bad)}; choose from {', '.join(map(repr, _KERNELS))}")
+        if "gelu" in self.kernels and "mlp" in self.kernels:
+            raise ValueError("kernels 'gelu' and 'mlp' both replace the MLP's activation; choose one")
 
     def uses(self, kernel: str) -> bool:
         if kernel == "ce":
             return self.fused and ("ce" in self.kernels or "ce-inplace" in self.kernels)
         return self.fused and kernel in self.kernels
 
+
+# ce: fused cross-entropy (ce-inplace: its gradient overwrites the logits); norm: Triton LayerNorm;
+# gelu: Triton bias+GeLU after a bias-free matmul; mlp: linear_gelu (plain forward, one-pass
+# backward with the bias gradient); qkv: linear_qkv (one-pass assembly of the q/k/v gradients).
+_KERNELS = ("ce", "ce-inplace", "norm", "gelu", "mlp", "qkv")
 
 _PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -91,12 +100,16 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.n_head = cfg.n_head
+        self.fused = cfg.uses("qkv")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.fused:  # the same values; its backward assembles the q/k/v gradients in one pass
+            q, k, v = _ops().linear_qkv(x, self.c_attn.weight, self.c_attn.bias, self.n_head)
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            # (B, nh, T, hs)
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
@@ -108,11 +121,14 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.fused = cfg.uses("gelu") and cfg.bias
+        self.fused_bwd = cfg.uses("mlp")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             # The matmul without its bias, then bias + GeLU in one pass over the (B, T, 4C) tensor.
             h = _ops().bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
+        elif self.fused_bwd:  # the same forward; its backward is one pass over the (B, T, 4C) tensor
+            h = _ops().linear_gelu(x, self.c_fc.weight, self.c_fc.bias)
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")
         return self.c_proj(h)
