@@ -2,7 +2,7 @@
 against the strongest torch baselines, side by side in one process.
 
     python benchmarks/ops.py                      # everything (~3-4 min on an H100)
-    python benchmarks/ops.py --only adamw,ce      # sections: copy, adamw, norms, gelu, ce, quant, attention
+    python benchmarks/ops.py --only adamw,ce      # sections: copy, adamw, norms, gelu, layers, ce, quant, attention
     python benchmarks/ops.py --out runs/ops       # JSON lands in --out (default $OUT, else runs/)
     python benchmarks/ops.py --smoke              # tiny shapes on the CPU, kernels interpreted: checks the script
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 import funzero.ops as fo  # noqa: E402
 from funzero.ops import _adamw  # noqa: E402
 
-SECTIONS = ("copy", "adamw", "norms", "gelu", "ce", "quant", "attention")
+SECTIONS = ("copy", "adamw", "norms", "gelu", "layers", "ce", "quant", "attention")
 T0 = time.time()
 RESULTS: dict = {"checks": [], "timings": [], "notes": []}
 
@@ -444,6 +444,109 @@ def bench_gelu(cfg) -> None:
     free()
 
 
+# --------------------------------------------------------------------------- layers: fused backward passes
+
+
+def _peer_gelu_bwd(dy, z):
+    """What inductor makes of the unfused MLP backward: GeLU's gradient, then its column sum."""
+    dz = torch.ops.aten.gelu_backward(dy, z, approximate="tanh")
+    return dz, dz.sum(0)
+
+
+def _peer_heads_grad(dq, dk, dv):
+    """Autograd's unfused qkv backward under inductor: concatenate the heads, then the column sum."""
+    B, NH, T, HS = dq.shape
+    g = torch.cat([t.transpose(1, 2).reshape(B, T, NH * HS) for t in (dq, dk, dv)], dim=-1).view(B * T, -1)
+    return g, g.sum(0)
+
+
+def _head_grads(B, NH, T, HS):
+    """dq, dk, dv as causal SDPA's backward returns them (its layout), from a fused projection."""
+    C = NH * HS
+    qkv = torch.randn(B, T, 3 * C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (t.view(B, T, NH, HS).transpose(1, 2) for t in qkv.split(C, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return torch.autograd.grad(y, (q, k, v), torch.randn_like(y))
+
+
+def bench_layers(cfg) -> None:
+    """The two backward passes the model's ``mlp`` and ``qkv`` kernels fuse, alone (ours against
+    inductor's code for the same unfused math) and with their layer around them (fwd+bwd under
+    torch.compile, ours against the plain layer)."""
+    from funzero.ops._gelu import _GRAD_TILE, _gelu_bwd_tiles
+    from funzero.ops._heads import _BLOCK_T, _NUM_WARPS, _heads_grad
+
+    M, H = cfg["gelu_shape"]
+    log(f"layers: GeLU backward with the bias sum, bf16 ({M}x{H})")
+    z = (torch.randn(M, H, device=DEVICE) * 2).to(torch.bfloat16)
+    dy = torch.randn(M, H, device=DEVICE, dtype=torch.bfloat16)
+    peer = compiled(_peer_gelu_bwd)
+    want = peer(dy, z)
+    got = _gelu_bwd_tiles(dy, z, True)
+    for label, g, w, rel in (("dz", got[0], want[0], 2.0**-8), ("db", got[1], want[1], 2.0**-7)):
+        ok, detail = close(g, w, rel, rel * max(w.float().abs().max().item(), 1.0))
+        check("layers", f"gelu backward {label}", ok, detail)
+    io = 3 * M * H * 2  # read dy, z; write dz (bf16)
+    for tile in cfg["gelu_tile_sweep"] or [_GRAD_TILE]:
+        ms = time_ms(lambda: _gelu_bwd_tiles(dy, z, True, tile=tile))
+        record("layers", f"gelu bwd funzero tile={tile}{' (default)' if tuple(tile) == _GRAD_TILE else ''}", ms,
+               gbps=io / ms / 1e6)
+    ms = time_ms(lambda: peer(dy, z))
+    record("layers", "gelu bwd torch.compile (gelu_backward, sum)", ms, gbps=io / ms / 1e6)
+    del z, dy, want, got
+    free()
+
+    for B, NH, T, HS in cfg["attention_shapes"]:
+        shape = f"B={B} nh={NH} T={T} hs={HS}"
+        log(f"layers: q/k/v gradient assembly with the bias sum, bf16 ({shape})")
+        dq, dk, dv = _head_grads(B, NH, T, HS)
+        peer = compiled(_peer_heads_grad)
+        want = peer(dq, dk, dv)
+        got = _heads_grad(dq, dk, dv, True)
+        check("layers", f"heads grad g bit-equal ({shape}; strides {dq.stride()})", torch.equal(got[0], want[0]))
+        ok, detail = close(got[1], want[1], 2.0**-7, 2.0**-7 * max(want[1].float().abs().max().item(), 1.0))
+        check("layers", f"heads grad db ({shape})", ok, detail)
+        io = 2 * 3 * B * T * NH * HS * 2
+        for bt, warps in cfg["heads_sweep"] or [(_BLOCK_T, _NUM_WARPS)]:
+            ms = time_ms(lambda: _heads_grad(dq, dk, dv, True, block_t=bt, num_warps=warps))
+            default = " (default)" if (bt, warps) == (_BLOCK_T, _NUM_WARPS) else ""
+            record("layers", f"heads grad funzero {shape} block_t={bt} warps={warps}{default}", ms, gbps=io / ms / 1e6)
+        ms = time_ms(lambda: peer(dq, dk, dv))
+        record("layers", f"heads grad torch.compile (cat, sum) {shape}", ms, gbps=io / ms / 1e6)
+        del dq, dk, dv, want, got
+        free()
+
+    # The layers with their matmuls, fwd+bwd under torch.compile, as in the compiled train step.
+    B, NH, T, HS = cfg["attention_shapes"][-1]
+    C = NH * HS
+    x = torch.randn(B, T, C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w_fc = (torch.randn(4 * C, C, device=DEVICE) * 0.02).to(torch.bfloat16).requires_grad_()
+    b_fc = torch.zeros(4 * C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w_qkv = (torch.randn(3 * C, C, device=DEVICE) * 0.02).to(torch.bfloat16).requires_grad_()
+    b_qkv = torch.zeros(3 * C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    from funzero.ops._heads import _plain
+
+    def attn(qkv_fn):
+        def f(x, w, b):
+            q, k, v = qkv_fn(x, w, b, NH)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        return f
+
+    cases = (("mlp: linear + GeLU", fo.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"),
+              (x, w_fc, b_fc), (B, T, 4 * C)),
+             ("attention: qkv + SDPA", attn(fo.linear_qkv), attn(_plain), (x, w_qkv, b_qkv), (B, T, C)))
+    for name, ours, theirs, args, out_shape in cases:
+        g = torch.randn(out_shape, device=DEVICE, dtype=torch.bfloat16)
+        for who, fn in (("funzero", compiled(ours)), ("torch.compile", compiled(theirs))):
+            fn(*args).backward(g)  # compile outside the timing
+            ms = time_ms(lambda: fn(*args).backward(g), grad_to_none=list(args))
+            gpu = kernel_ms(lambda: fn(*args).backward(g), grad_to_none=list(args))
+            record("layers", f"{name} fwd+bwd compiled, {who} ({B}x{T}x{C})", ms,
+                   **({} if gpu is None else {"gpu_ms": round(gpu, 4)}))
+    del x, w_fc, b_fc, w_qkv, b_qkv
+    free()
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -600,12 +703,15 @@ FULL = dict(
                  (2048, 4, 8), (4096, 4, 4), (4096, 8, 2), (4096, 8, 4), (8192, 16, 2)],
     norm_check_shape=(4097, 1600), norm_shape=(8 * 1024, 1600),
     gelu_check_shape=(1025, 6400), gelu_shape=(8 * 1024, 6400),
+    gelu_tile_sweep=[(32, 128, 4), (16, 128, 2), (32, 64, 2), (64, 128, 8), (8, 512, 4)],
+    heads_sweep=[(128, 4), (64, 4), (128, 8), (64, 2)],
     ce_check_shape=(1031, 50304), ce_shape=(16 * 1024, 50304), ce_lm_head_d=1600,
     quant_check_numel=10_000_003, quant_numel=1 << 28,
 )
 SMALL = dict(  # --smoke: the script's logic on the CPU through the interpreter
     copy_numel=1 << 16, gpt2=(2, 64, 512, 64), adamw_check_numel=1003, adamw_sweep=[],
     norm_check_shape=(9, 160), norm_shape=(16, 160), gelu_check_shape=(9, 640), gelu_shape=(16, 640),
+    gelu_tile_sweep=[], heads_sweep=[],
     ce_check_shape=(7, 1000), ce_shape=(8, 1000), ce_lm_head_d=64, quant_check_numel=10_003, quant_numel=1 << 16,
     attention_shapes=[(2, 2, 64, 16)],
 )
