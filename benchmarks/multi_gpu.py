@@ -11,7 +11,9 @@ Keep NVLink multicast off on the lent machines (NCCL_NVLS_ENABLE=0 is set below 
 2. Throughput and memory: GPT-2 1.5B and a ~7B GPT-shaped model (32 layers x 4096; our GPT, not
    Llama's SwiGLU/RoPE), bf16, per-GPU micro-batch --batch, T=1024:
      fz{1,2,3}-compile   funzero stage k, whole step compiled; suffixes: -ovl inductor's overlap
-                         scheduler, -bf16r gradients reduced in bf16 (DeepSpeed's default)
+                         scheduler (fails to compile on torch 2.11: the pass asserts on the
+                         auto-functionalized adamw_ custom op), -bf16r gradients reduced in bf16
+                         (DeepSpeed's default)
      ds-zero{1,2,3}      DeepSpeed (see train_step.py)
      fsdp2               torch.distributed.fsdp.fully_shard per block and on the root, each block
                          compiled (torchtitan's recipe), bf16 params / fp32 reduce, fused AdamW

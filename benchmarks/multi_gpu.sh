@@ -6,8 +6,8 @@
 set -u
 out=${1:-runs/multi_gpu}
 MODELS=${MODELS:-1.5b,7b}
-FZ=${FZ:-fz1-compile,fz2-compile,fz3-compile,fsdp2}
-DS=${DS:-ds-zero1,ds-zero2,ds-zero3}
+FZ=${FZ-fz1-compile,fz2-compile,fz3-compile,fsdp2}  # set but empty: none
+DS=${DS-ds-zero1,ds-zero2,ds-zero3}  # set but empty: none
 CORRECTNESS=${CORRECTNESS:-1}
 DEADLINE=${DEADLINE:-100000}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
