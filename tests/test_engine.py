@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import optree
 import pytest
 import torch
@@ -18,19 +20,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _train_all_stages(rank, world, stages, dtype, fused):
+def _train_all_stages(rank, world, stages, dtype, fused, kernels=False):
+    """``kernels``: the GPT with its default fused kernels (ce, mlp, qkv), run as Triton kernels
+    (interpreter), instead of the plain model."""
     data = batches(STEPS)
     out = {}
-    for stage in stages:
-        model = tiny_gpt(dtype=dtype)
-        plan = fz.zero(stage, groups=GROUPS)
-        tx = fz.optim.adamw(1e-2, weight_decay=0.1, fused=fused)
-        state = fz.init(model, tx, plan, precision=fz.Precision(dtype))
-        step = fz.train_step(model, lm_loss, tx, plan)
-        for b in data:
-            state, metrics = step(state, b)
-        full = fz.gather_params(state, plan)
-        out[stage] = {k: v.clone() for k, v in full.items()} if rank == 0 else None
+    with fo.backend("triton") if kernels else contextlib.nullcontext():
+        for stage in stages:
+            model = tiny_gpt(dtype=dtype, fused=True) if kernels else tiny_gpt(dtype=dtype)
+            plan = fz.zero(stage, groups=GROUPS)
+            tx = fz.optim.adamw(1e-2, weight_decay=0.1, fused=fused)
+            state = fz.init(model, tx, plan, precision=fz.Precision(dtype))
+            step = fz.train_step(model, lm_loss, tx, plan)
+            for b in data:
+                state, metrics = step(state, b)
+            full = fz.gather_params(state, plan)
+            out[stage] = {k: v.clone() for k, v in full.items()} if rank == 0 else None
     return out
 
 
@@ -45,32 +50,14 @@ def test_every_stage_equals_single_process_pytorch(world):
             assert _rel(got[k], ref[k]) < 1e-10, (stage, world, k, _rel(got[k], ref[k]))
 
 
-def _train_on_kernels(rank, world, stages):
-    """The GPT with its default fused kernels (ce, mlp, qkv) run as Triton kernels (interpreter):
-    their gradients reach the sharded gradient and, at stage 3, the gathered weights' reduce."""
-    data = batches(STEPS)
-    out = {}
-    with fo.backend("triton"):
-        for stage in stages:
-            model = tiny_gpt(fused=True)
-            plan = fz.zero(stage, groups=GROUPS)
-            tx = fz.optim.adamw(1e-2, weight_decay=0.1)
-            state = fz.init(model, tx, plan, precision=fz.Precision(torch.float32))
-            step = fz.train_step(model, lm_loss, tx, plan)
-            for b in data:
-                state, _ = step(state, b)
-            full = fz.gather_params(state, plan)
-            out[stage] = {k: v.clone() for k, v in full.items()} if rank == 0 else None
-    return out
-
-
 def test_fused_kernels_train_like_pytorch_at_every_stage():
     """Against one process of PyTorch on the same kernels (the kernels' own rounding, e.g. the
     fused cross-entropy's, moves 5 fp32 Adam steps ~1e-5 from the plain model)."""
     assert tiny_gpt(fused=True).cfg.kernels == ("ce", "mlp", "qkv")
     with fo.backend("triton"):
         ref = torch_reference(tiny_gpt(fused=True), batches(STEPS))
-    results = run_world(_train_on_kernels, 2, (0, 2, 3))[0]
+    results = run_world(_train_all_stages, 2, (0, 2, 3), torch.float32, False, True)[0]  # their gradients
+    # reach the sharded gradient and, at stage 3, the gathered weights' reduce-scatter
     for stage, got in results.items():
         for k in ref:
             # Two ranks of half a batch each sum in another order: 5 fp32 Adam steps of the plain
