@@ -76,7 +76,7 @@ def _gelu_bwd_tile_kernel(
     dz = _gelu_grad(z, dy, K0)
     tl.store(dx_ptr + base + offs, cast_to(dz, dx_ptr.dtype.element_ty), mask=mask)
     if WANT_DB:
-        tl.store(db_part_ptr + pid_m * H + cols, tl.sum(dz, axis=0), mask=col_mask)  # masked rows: dy = 0
+        tl.store(db_part_ptr + pid_m.to(tl.int64) * H + cols, tl.sum(dz, axis=0), mask=col_mask)  # masked rows: dy = 0
 
 
 @triton.jit

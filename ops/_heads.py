@@ -86,19 +86,24 @@ def _(dq, dk, dv, want_db):
     return dq.new_empty((B * T, 3 * NH * HS)), dq.new_empty((3 * NH * HS,) if want_db else (0,))
 
 
+def _plain(x: Tensor, weight: Tensor, bias: Optional[Tensor], n_head: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer in plain ops: the projection, then views of its q, k and v blocks as heads."""
+    B, T, _ = x.shape
+    C = weight.shape[0] // 3
+    qkv = F.linear(x, weight, bias)  # (B, T, 3C)
+    # (B, nh, T, hs) each
+    return tuple(t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+
+
 class _LinearQKV(torch.autograd.Function):
     """Forward: the plain matmul and views. Backward: the head gradients assembled in one pass
     (with the bias sum), then the two matmuls."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, n_head):
-        B, T, _ = x.shape
-        C = weight.shape[0] // 3
-        qkv = F.linear(x, weight, bias)  # (B, T, 3C)
         ctx.save_for_backward(x, weight)
         ctx.want_db = bias is not None
-        # (B, nh, T, hs) each
-        return tuple(t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+        return _plain(x, weight, bias, n_head)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -110,13 +115,6 @@ class _LinearQKV(torch.autograd.Function):
         dx = (g @ weight).view(x.shape) if ctx.needs_input_grad[0] else None  # g: (B*T, 3C)
         dw = g.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         return dx, dw, db if ctx.want_db else None, None
-
-
-def _plain(x: Tensor, weight: Tensor, bias: Optional[Tensor], n_head: int) -> tuple[Tensor, Tensor, Tensor]:
-    B, T, _ = x.shape
-    C = weight.shape[0] // 3
-    qkv = F.linear(x, weight, bias)
-    return tuple(t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
 
 
 def linear_qkv(x: Tensor, weight: Tensor, bias: Optional[Tensor], n_head: int) -> tuple[Tensor, Tensor, Tensor]:
