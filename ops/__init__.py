@@ -16,7 +16,7 @@ from ._cross_entropy import cross_entropy
 from ._dispatch import backend, get_backend
 from ._gelu import bias_gelu, linear_gelu
 from ._heads import linear_qkv
-from ._norms import layer_norm, rms_norm
+from ._norms import layer_norm, residual_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
 
 __all__ = [
@@ -34,5 +34,6 @@ __all__ = [
     "nonfinite_",
     "quantize_int8",
     "reference",
+    "residual_norm",
     "rms_norm",
 ]

@@ -53,12 +53,16 @@ def _variants():
                     x_row_stride="i32", y_row_stride="i32", eps="fp32"),
                dict(RMS=rms, HAS_BIAS=not rms, BLOCK_M=2, BLOCK_D=2048),
                ("x_ptr", "y_ptr", "w_ptr", "b_ptr", "D", "x_row_stride", "y_row_stride"), True)
+    # the norms' backward, and residual_norm's: the residual gradient, statistics recomputed
+    for rms, res in ((False, False), (True, False), (False, True)):
         yield (_norms._norm_bwd_kernel,
-               dict(dy_ptr=bf16, x_ptr=bf16, w_ptr=bf16, mean_ptr=f32, rstd_ptr=f32, dx_ptr=bf16, dw_part_ptr=f32,
-                    db_part_ptr=f32, M="i32", D="i32", x_row_stride="i32", dy_row_stride="i32", dx_row_stride="i32",
-                    num_tiles="i32", tiles_per_program="i32"),
-               dict(RMS=rms, HAS_BIAS=not rms, BLOCK_M=2, BLOCK_D=2048),
-               ("x_ptr", "dy_ptr", "dx_ptr", "D", "x_row_stride", "dy_row_stride", "dx_row_stride"), True)
+               dict(dy_ptr=bf16, x_ptr=bf16, w_ptr=bf16, mean_ptr=f32, rstd_ptr=f32, dr_ptr=bf16, dx_ptr=bf16,
+                    dw_part_ptr=f32, db_part_ptr=f32, dr_part_ptr=f32, M="i32", D="i32", x_row_stride="i32",
+                    dy_row_stride="i32", dr_row_stride="i32", dx_row_stride="i32", num_tiles="i32",
+                    tiles_per_program="i32", eps="fp32"),
+               dict(RMS=rms, HAS_BIAS=not rms, HAS_RES=res, SAVED=not res, BLOCK_M=2, BLOCK_D=2048),
+               ("x_ptr", "dy_ptr", "dr_ptr", "dx_ptr", "D", "x_row_stride", "dy_row_stride", "dr_row_stride",
+                "dx_row_stride"), True)
     yield (_gelu._bias_gelu_fwd_kernel, dict(x_ptr=bf16, b_ptr=bf16, y_ptr=bf16, M="i32", H="i32"),
            dict(K0=k0, BLOCK_M=16, BLOCK_N=256), ("x_ptr", "b_ptr", "y_ptr", "H"), True)
     yield (_gelu._bias_gelu_bwd_kernel,

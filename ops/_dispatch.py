@@ -198,8 +198,8 @@ def cast_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    # part: (R, P, N) fp32 contiguous, R <= 2; out0, out1: (N,) each; grid (cdiv(N, BLOCK_N), R)
+def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # part: (R, P, N) fp32 contiguous, R <= 3; out0..out2: (N,) each; grid (cdiv(N, BLOCK_N), R)
     r = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -212,12 +212,14 @@ def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, P, N, BLOCK_P: tl.constex
     total = tl.sum(acc, axis=0)
     if r == 0:
         tl.store(out0_ptr + cols, cast_to(total, out0_ptr.dtype.element_ty), mask=col_mask)
-    else:
+    elif r == 1:
         tl.store(out1_ptr + cols, cast_to(total, out1_ptr.dtype.element_ty), mask=col_mask)
+    else:
+        tl.store(out2_ptr + cols, cast_to(total, out2_ptr.dtype.element_ty), mask=col_mask)
 
 
 def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """(R, P, N) fp32 per-program partial sums, R <= 2 -> R separate (N,) tensors in ``dtype``, one launch.
+    """(R, P, N) fp32 per-program partial sums, R <= 3 -> R separate (N,) tensors in ``dtype``, one launch.
 
     Replaces ``part[r].sum(0).to(dtype)`` per r (two launches each; torch's
     dim-0 reduction of a few hundred rows took ~15 us on an H100, where this
@@ -225,13 +227,13 @@ def sum_partials(part: torch.Tensor, dtype: torch.dtype) -> tuple:
     Separate outputs, not views of one: custom ops may not return aliases.
     """
     R, P, N = part.shape
-    assert R in (1, 2), R
+    assert R in (1, 2, 3), R
     outs = tuple(part.new_empty((N,), dtype=dtype) for _ in range(R))
     if N:
         # GPU: one 32-byte sector of up to 512 partial rows per load, ~400 programs for D = 1600:
         # latency-bound, so many loads in flight (H100, 2 x 264 x 1600: 12 us at 64 x 32, 8 at 512 x 8)
         block_n = min(next_pow2(N), 1024) if INTERPRET else 8
         block_p = min(next_pow2(P), 1024 if INTERPRET else 512)
-        _sum_partials_kernel[(cdiv(N, block_n), R)](part, outs[0], outs[-1], P, N, BLOCK_P=block_p, BLOCK_N=block_n,
-                                                     num_warps=4)
+        _sum_partials_kernel[(cdiv(N, block_n), R)](part, outs[0], outs[min(1, R - 1)], outs[-1], P, N,
+                                                     BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return outs
