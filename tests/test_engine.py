@@ -21,7 +21,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _train_all_stages(rank, world, stages, dtype, fused, kernels=False):
-    """``kernels``: the GPT with its default fused kernels (ce, mlp, qkv), run as Triton kernels
+    """``kernels``: the GPT with its default fused kernels (ce, mlp, qkv, resnorm), run as Triton kernels
     (interpreter), instead of the plain model."""
     data = batches(STEPS)
     out = {}
@@ -53,7 +53,7 @@ def test_every_stage_equals_single_process_pytorch(world):
 def test_fused_kernels_train_like_pytorch_at_every_stage():
     """Against one process of PyTorch on the same kernels (the kernels' own rounding, e.g. the
     fused cross-entropy's, moves 5 fp32 Adam steps ~1e-5 from the plain model)."""
-    assert tiny_gpt(fused=True).cfg.kernels == ("ce", "mlp", "qkv")
+    assert tiny_gpt(fused=True).cfg.kernels == ("ce", "mlp", "qkv", "resnorm")
     with fo.backend("triton"):
         ref = torch_reference(tiny_gpt(fused=True), batches(STEPS))
     results = run_world(_train_all_stages, 2, (0, 2, 3), torch.float32, False, True)[0]  # their gradients

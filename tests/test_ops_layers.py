@@ -213,13 +213,39 @@ def test_compiles_to_one_graph(compiler):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt_default_kernels_match_plain_model():
-    """The example GPT with its default kernels (ce, mlp, qkv) on the Triton path: the loss and every
-    parameter's gradient equal the plain model's."""
+def _graph_nodes(t):
+    """The class names of every node of t's autograd graph."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(f for f, _ in node.next_functions)
+    return [type(n).__name__ for n in seen]
+
+
+def test_gpt_config_rejects_two_kernels_for_one_layer():
+    from funzero.models import GPTConfig
+
+    with pytest.raises(ValueError, match="'norm' and 'resnorm'"):
+        GPTConfig(kernels=("norm", "resnorm"))
+    with pytest.raises(ValueError, match="'gelu' and 'mlp'"):
+        GPTConfig(kernels=("gelu", "mlp"))
+
+
+@pytest.mark.parametrize("kernels", [None, ("ce", "mlp", "qkv"), ("resnorm",)], ids=["default", "no-resnorm", "resnorm"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gpt_kernels_match_plain_model(kernels, bias):
+    """The example GPT on its kernels on the Triton path: the loss and every parameter's gradient
+    equal the plain model's. (Without biases resnorm has no projection bias to move and the blocks
+    keep the plain norms.)"""
     from funzero.models import GPT, GPTConfig
 
-    cfg = GPTConfig(block_size=16, vocab_size=67, n_layer=2, n_head=2, n_embd=24)
-    assert cfg.kernels == ("ce", "mlp", "qkv")
+    cfg = GPTConfig(block_size=16, vocab_size=67, n_layer=2, n_head=2, n_embd=24, bias=bias)
+    if kernels is None:
+        assert cfg.kernels == ("ce", "mlp", "qkv", "resnorm")
+    else:
+        cfg = GPTConfig(**{**cfg.__dict__, "kernels": kernels})
     torch.manual_seed(0)
     fused = GPT(cfg)
     plain = GPT(GPTConfig(**{**cfg.__dict__, "fused": False}))
@@ -229,6 +255,8 @@ def test_gpt_default_kernels_match_plain_model():
     with fo.backend("triton"):
         loss = fused(idx, tgt)
     loss_ref = plain(idx, tgt)
+    # 2 blocks x 2 forks when resnorm applies
+    assert _graph_nodes(loss).count("_ResidualNormBackward") == (4 if cfg.uses("resnorm") and bias else 0)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     grads = torch.autograd.grad(loss, list(fused.parameters()))
     grads_ref = torch.autograd.grad(loss_ref, list(plain.parameters()))

@@ -27,11 +27,11 @@ class GPTConfig:
     bias: bool = True
     fused: bool = True  # use funzero.ops kernels where `kernels` says (False: plain torch ops)
     # Which funzero.ops kernels the model calls (see _KERNELS). By default the cross-entropy (it
-    # beats F.cross_entropy eager and compiled, in time and memory) and the two fused backward
-    # passes, mlp and qkv, whose forward stays plain ops for inductor to fuse (1.0% of the compiled
-    # GPT-2 1.5B step on an H100). The norm and bias+GeLU kernels lose to inductor's fused code
-    # under torch.compile, so they are opt-in (benchmarks/NOTES.md).
-    kernels: tuple[str, ...] = ("ce", "mlp", "qkv")
+    # beats F.cross_entropy eager and compiled, in time and memory) and the three fused backward
+    # passes, mlp, qkv and resnorm, whose forward stays plain ops for inductor to fuse (together
+    # ~1.8% of the compiled GPT-2 1.5B step on an H100). The norm and bias+GeLU kernels lose to
+    # inductor's fused code under torch.compile, so they are opt-in (benchmarks/NOTES.md).
+    kernels: tuple[str, ...] = ("ce", "mlp", "qkv", "resnorm")
     # Activation checkpointing (Chen et al., 2016): the first `recompute` blocks keep only their
     # input during forward and run forward again in backward. Costs one block forward each and
     # frees that block's activations (~0.39 GiB per GPT-2 1.5B block at B=8, T=1024, bf16), memory
@@ -48,6 +48,8 @@ class GPTConfig:
             raise ValueError(f"unknown kernels {sorted(bad)}; choose from {', '.join(map(repr, _KERNELS))}")
         if "gelu" in self.kernels and "mlp" in self.kernels:
             raise ValueError("kernels 'gelu' and 'mlp' both replace the MLP's activation; choose one")
+        if "norm" in self.kernels and "resnorm" in self.kernels:
+            raise ValueError("kernels 'norm' and 'resnorm' both replace the blocks' LayerNorms; choose one")
 
     def uses(self, kernel: str) -> bool:
         if kernel == "ce":
@@ -57,8 +59,10 @@ class GPTConfig:
 
 # ce: fused cross-entropy (ce-inplace: its gradient overwrites the logits); norm: Triton LayerNorm;
 # gelu: Triton bias+GeLU after a bias-free matmul; mlp: linear_gelu (plain forward, one-pass
-# backward with the bias gradient); qkv: linear_qkv (one-pass assembly of the q/k/v gradients).
-_KERNELS = ("ce", "ce-inplace", "norm", "gelu", "mlp", "qkv")
+# backward with the bias gradient); qkv: linear_qkv (one-pass assembly of the q/k/v gradients);
+# resnorm: residual_norm at the head of both residual branches (plain forward; one backward pass
+# for the norm, the residual add and the output projection's bias, which moves to the residual).
+_KERNELS = ("ce", "ce-inplace", "norm", "gelu", "mlp", "qkv", "resnorm")
 
 _PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -101,6 +105,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.n_head = cfg.n_head
         self.fused = cfg.uses("qkv")
+        self.bias_outside = cfg.uses("resnorm") and cfg.bias  # c_proj's bias joins the residual (Block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -112,7 +117,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.c_proj(y)
+        return F.linear(y, self.c_proj.weight) if self.bias_outside else self.c_proj(y)
 
 
 class MLP(nn.Module):
@@ -122,6 +127,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.fused = cfg.uses("gelu") and cfg.bias
         self.fused_bwd = cfg.uses("mlp")
+        self.bias_outside = cfg.uses("resnorm") and cfg.bias  # c_proj's bias joins the residual (Block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -131,7 +137,7 @@ class MLP(nn.Module):
             h = _ops().linear_gelu(x, self.c_fc.weight, self.c_fc.bias)
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")
-        return self.c_proj(h)
+        return F.linear(h, self.c_proj.weight) if self.bias_outside else self.c_proj(h)
 
 
 class Block(nn.Module):
@@ -141,8 +147,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias, cfg.uses("norm"))
         self.mlp = MLP(cfg)
+        self.fork = cfg.uses("resnorm") and cfg.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fork:  # the same sums, the projections' biases added on the residual side
+            r, h = _ops().residual_norm(x, self.ln_1.weight, self.ln_1.bias, self.attn.c_proj.bias)
+            x = r + self.attn(h)
+            r, h = _ops().residual_norm(x, self.ln_2.weight, self.ln_2.bias, self.mlp.c_proj.bias)
+            return r + self.mlp(h)
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
