@@ -369,6 +369,28 @@ def kernel_ms(fn, grad_to_none=None, iters: int = 10):
     return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / iters / 1e3
 
 
+def kernel_table(fn, iters: int = 5) -> list:
+    """[(kernel name, us per call)] of ``fn()``'s GPU kernels, longest first; [] off GPU."""
+    if DEVICE.type != "cuda":
+        return []
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    per = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            per[e.name] += e.time_range.elapsed_us() / iters
+    return sorted(per.items(), key=lambda kv: -kv[1])
+
+
 def _time_fwd_bwd(section: str, name: str, who: str, fn, args, dy, fwd_bytes: int) -> None:
     """Forward alone (no_grad) and forward+backward producing every input's gradient, both sides alike."""
     with torch.no_grad():
@@ -460,6 +482,14 @@ def _peer_heads_grad(dq, dk, dv):
     return g, g.sum(0)
 
 
+def _peer_resnorm_bwd(dy, dr, x, mean, rstd, w, b):
+    """Inductor's unfused backward of a pre-norm fork: LayerNorm's backward from the saved statistics,
+    the residual gradient added, and the column sum of it (the output projection's bias gradient)."""
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy, x, (x.shape[-1],), mean, rstd, w, b,
+                                                           [True, True, True])
+    return dx + dr, dw, db, dr.sum(0)
+
+
 def _head_grads(B, NH, T, HS):
     """dq, dk, dv as causal SDPA's backward returns them (its layout), from a fused projection."""
     C = NH * HS
@@ -470,11 +500,12 @@ def _head_grads(B, NH, T, HS):
 
 
 def bench_layers(cfg) -> None:
-    """The two backward passes the model's ``mlp`` and ``qkv`` kernels fuse, alone (ours against
+    """The backward passes the model's ``mlp``, ``qkv`` and ``resnorm`` kernels fuse, alone (ours against
     inductor's code for the same unfused math) and with their layer around them (fwd+bwd under
     torch.compile, ours against the plain layer)."""
     from funzero.ops._gelu import _GRAD_TILE, _gelu_bwd_tiles
     from funzero.ops._heads import _BLOCK_T, _NUM_WARPS, _heads_grad
+    from funzero.ops._norms import _RES_BWD, _norm_bwd_triton
 
     M, H = cfg["gelu_shape"]
     log(f"layers: GeLU backward with the bias sum, bf16 ({M}x{H})")
@@ -516,6 +547,46 @@ def bench_layers(cfg) -> None:
         del dq, dk, dv, want, got
         free()
 
+    M, D = cfg["norm_shape"]
+    log(f"layers: LayerNorm backward with the residual add and its bias sum, bf16 ({M}x{D})")
+    x = (torch.randn(M, D, device=DEVICE) * 2 + 0.3).to(torch.bfloat16)
+    w = (torch.randn(D, device=DEVICE) * 0.2 + 1).to(torch.bfloat16)
+    b = (torch.randn(D, device=DEVICE) * 0.2).to(torch.bfloat16)
+    dy, dr = (torch.randn(M, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, (D,), w, b, 1e-5)  # as inductor saves them
+    peer = compiled(_peer_resnorm_bwd)
+    want = peer(dy, dr, x, mean, rstd, w, b)
+    got = _norm_bwd_triton(dy, x, w, None, None, False, True, dr=dr, eps=1e-5)
+    for label, g, wt in zip(("dx", "dw", "db", "dres"), got, want):
+        rel = 2.0**-7
+        ok, detail = close(g, wt, rel, rel * max(wt.float().abs().max().item(), 1.0))
+        check("layers", f"residual norm backward {label}", ok, detail)
+    io = 4 * M * D * 2  # read dy, dr, x; write dx (bf16)
+    for tile, pps, warps in cfg["resnorm_sweep"] or [_RES_BWD]:
+        def ours(tile=tile, pps=pps, warps=warps):
+            return _norm_bwd_triton(dy, x, w, None, None, False, True, dr=dr, eps=1e-5, tile=tile, programs_per_sm=pps,
+                                    num_warps=warps)
+
+        # A 26 MB pass is over in ~40 us, less than its Python launch: the GPU kernel time is the figure here.
+        ms, gpu = time_ms(ours), kernel_ms(ours)
+        default = " (default)" if (tile, pps, warps) == _RES_BWD else ""
+        record("layers", f"residual norm bwd funzero tile={tile} programs/SM={pps} warps={warps}{default}", ms,
+               **({} if gpu is None else {"gpu_ms": round(gpu, 4), "gpu_gbps": io / gpu / 1e6}))
+    # The same pass reading the forward's saved statistics instead of recomputing them (two fewer row reductions).
+    tile, pps, warps = _RES_BWD
+    saved = lambda: _norm_bwd_triton(dy, x, w, mean.view(-1), rstd.view(-1), False, True, dr=dr, tile=tile,  # noqa: E731
+                                     programs_per_sm=pps, num_warps=warps)
+    ok, detail = close(saved()[0], want[0], 2.0**-7, 2.0**-7 * max(want[0].float().abs().max().item(), 1.0))
+    check("layers", "residual norm backward dx, saved statistics", ok, detail)
+    ms, gpu = time_ms(saved), kernel_ms(saved)
+    record("layers", "residual norm bwd funzero, saved statistics", ms,
+           **({} if gpu is None else {"gpu_ms": round(gpu, 4), "gpu_gbps": io / gpu / 1e6}))
+    ms, gpu = time_ms(lambda: peer(dy, dr, x, mean, rstd, w, b)), kernel_ms(lambda: peer(dy, dr, x, mean, rstd, w, b))
+    record("layers", "residual norm bwd torch.compile (layer_norm_backward, add, sum)", ms,
+           **({} if gpu is None else {"gpu_ms": round(gpu, 4), "gpu_gbps": io / gpu / 1e6}))
+    del x, w, b, dy, dr, mean, rstd, want, got
+    free()
+
     # The layers with their matmuls, fwd+bwd under torch.compile, as in the compiled train step.
     B, NH, T, HS = cfg["attention_shapes"][-1]
     C = NH * HS
@@ -544,6 +615,30 @@ def bench_layers(cfg) -> None:
             record("layers", f"{name} fwd+bwd compiled, {who} ({B}x{T}x{C})", ms,
                    **({} if gpu is None else {"gpu_ms": round(gpu, 4)}))
     del x, w_fc, b_fc, w_qkv, b_qkv
+    free()
+
+    # One whole GPT block (1.5B widths), fwd+bwd compiled, on the model's kernels with and without
+    # resnorm: GPU kernel time, and where it goes.
+    from funzero.models._gpt import Block, GPTConfig
+
+    x = torch.randn(B, T, C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(B, T, C, device=DEVICE, dtype=torch.bfloat16)
+    for kernels in (("ce", "mlp", "qkv"), ("ce", "mlp", "qkv", "resnorm")):
+        torch.manual_seed(0)
+        block = Block(GPTConfig(n_layer=1, n_head=NH, n_embd=C, kernels=kernels)).to(DEVICE, torch.bfloat16)
+        fn = compiled(block)
+        params = list(block.parameters())
+        fn(x).backward(g)
+        step = lambda: fn(x).backward(g)  # noqa: E731
+        ms, gpu = time_ms(step, grad_to_none=[x, *params]), kernel_ms(step, grad_to_none=[x, *params])
+        name = "+".join(kernels)
+        record("layers", f"GPT block fwd+bwd compiled, kernels {name} ({B}x{T}x{C})", ms,
+               **({} if gpu is None else {"gpu_ms": round(gpu, 4)}))
+        for kname, us in kernel_table(step)[:14]:
+            log(f"      {us:8.1f} us  {kname[:110]}")
+        del block, fn, params
+        free()
+    del x, g
     free()
 
 
@@ -705,13 +800,14 @@ FULL = dict(
     gelu_check_shape=(1025, 6400), gelu_shape=(8 * 1024, 6400),
     gelu_tile_sweep=[(32, 128, 4), (16, 128, 2), (32, 64, 2), (64, 128, 8), (8, 512, 4)],
     heads_sweep=[(128, 4), (64, 4), (128, 8), (64, 2)],
+    resnorm_sweep=[(2048, 2, 8), (4096, 2, 8), (4096, 1, 8), (2048, 3, 8), (2048, 4, 4), (2048, 2, 4)],
     ce_check_shape=(1031, 50304), ce_shape=(16 * 1024, 50304), ce_lm_head_d=1600,
     quant_check_numel=10_000_003, quant_numel=1 << 28,
 )
 SMALL = dict(  # --smoke: the script's logic on the CPU through the interpreter
     copy_numel=1 << 16, gpt2=(2, 64, 512, 64), adamw_check_numel=1003, adamw_sweep=[],
     norm_check_shape=(9, 160), norm_shape=(16, 160), gelu_check_shape=(9, 640), gelu_shape=(16, 640),
-    gelu_tile_sweep=[], heads_sweep=[],
+    gelu_tile_sweep=[], heads_sweep=[], resnorm_sweep=[],
     ce_check_shape=(7, 1000), ce_shape=(8, 1000), ce_lm_head_d=64, quant_check_numel=10_003, quant_numel=1 << 16,
     attention_shapes=[(2, 2, 64, 16)],
 )

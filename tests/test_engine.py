@@ -72,13 +72,14 @@ def test_fp32_stages_match_pytorch_within_rounding():
 
     Adam turns rounding noise into full-size steps where a gradient is exactly zero in exact
     arithmetic (the key part of ``c_attn.bias``: softmax ignores a per-query constant), so the
-    bound is loose for biases and tight (1e-5) for the weight matrices.
+    bound is loose for biases and tight for the weight matrices: 3e-5, where ``wpe`` measured
+    9.9e-6 (a sharding bug moves weights by 1e-2 and more; the float64 test above holds 1e-10).
     """
     ref = torch_reference(tiny_gpt(), batches(STEPS))
     results = run_world(_train_all_stages, 2, (0, 1, 2, 3), torch.float32, False)[0]
     for stage, got in results.items():
         for k in ref:
-            tol = 1e-5 if k.endswith("weight") else 1e-3
+            tol = 3e-5 if k.endswith("weight") else 1e-3
             assert _rel(got[k], ref[k]) < tol, (stage, k, _rel(got[k], ref[k]))
 
 
