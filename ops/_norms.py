@@ -6,9 +6,14 @@ per-row mean and 1/std and recomputes x_hat.
 
 Weight and bias gradients are reduced without atomics: a persistent grid of a
 few programs per SM, each owning a contiguous run of rows, accumulates its
-partial sums in registers and writes one row of a (1 or 2, programs, D) fp32
+partial sums in registers and writes one row of a (1 to 3, programs, D) fp32
 buffer; one small kernel (``sum_partials``) adds those rows up and casts.
 Deterministic, no contention.
+
+``residual_norm`` is a pre-norm branch's fork, ``(x + residual_bias, layer_norm(x))``: its
+forward is plain ops (for inductor to fuse), its backward the same backward kernel with the
+residual branch's gradient added to dx and summed into a third partial row, and the statistics
+recomputed from the row instead of saved.
 
 Host time matters as much as the kernels here (8192x1600 bf16 moves in ~20 us
 on an H100, about what a Python launch costs there): no autotuner (num_warps
@@ -319,16 +324,17 @@ def _norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, rms: bo
     return torch.ops.funzero.norm_fwd(x, weight, bias, eps, rms)[0]
 
 
+def _residual_norm_bwd(dy, dr, x, weight, eps, has_bias):
+    """residual_norm's backward: dx, dw, db, dres (statistics recomputed from x)."""
+    tile, pps, warps = (_TILE, _PROGRAMS_PER_SM, None) if INTERPRET else _RES_BWD
+    return _norm_bwd_triton(dy, x, weight, None, None, False, has_bias, dr=dr, eps=eps, tile=tile,
+                            programs_per_sm=pps, num_warps=warps)
+
+
 @torch.library.custom_op("funzero::residual_norm_bwd", mutates_args=())
 def _residual_norm_bwd_op(dy: Tensor, dr: Tensor, x: Tensor, weight: Tensor, eps: float,
                           has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _residual_norm_bwd(dy, dr, x, weight, eps, has_bias)
-
-
-def _residual_norm_bwd(dy, dr, x, weight, eps, has_bias):
-    tile, pps, warps = (_TILE, _PROGRAMS_PER_SM, None) if INTERPRET else _RES_BWD
-    return _norm_bwd_triton(dy, x, weight, None, None, False, has_bias, dr=dr, eps=eps, tile=tile,
-                            programs_per_sm=pps, num_warps=warps)
 
 
 @_residual_norm_bwd_op.register_fake
