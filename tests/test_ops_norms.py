@@ -285,3 +285,19 @@ def test_residual_norm_backward_gpu_tiles(config):
     want = torch.autograd.grad(_plain_fork(*inputs), inputs, (dr, dy))
     for g, w_ in zip(got, want):
         _close(g, w_, 1e-5)
+
+
+def test_residual_norm_mixed_dtypes():
+    """A bf16 stream with an fp32 residual bias: the residual comes out fp32 (type promotion, as the
+    plain ops), and every gradient in its input's dtype, close to the plain ops'."""
+    inputs, (dr, dy) = _fork_inputs((7, 48), torch.bfloat16, True)
+    x, w, b, rb = inputs
+    rb32 = rb.detach().float().requires_grad_()
+    with fo.backend("triton"):
+        r, h = fo.residual_norm(x, w, b, rb32)
+        got = torch.autograd.grad((r, h), (x, w, b, rb32), (dr.float(), dy))
+    assert r.dtype == torch.float32 and h.dtype == torch.bfloat16
+    want = torch.autograd.grad(_plain_fork(x, w, b, rb32), (x, w, b, rb32), (dr.float(), dy))
+    for g, w_ in zip(got, want):
+        assert g.dtype == w_.dtype
+        _close(g.float(), w_.float(), 2.0**-6)
