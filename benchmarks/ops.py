@@ -346,31 +346,8 @@ def _fwd_bwd(fn, inputs, dy):
     return (y.detach(), *torch.autograd.grad(y, inputs, dy))
 
 
-def kernel_ms(fn, grad_to_none=None, iters: int = 10):
-    """GPU time of ``fn()``'s kernels (profiler, summed per call); None off GPU.
-
-    do_bench of a norm or GeLU forward+backward is bound by host time on the H100
-    machine (20-150 us kernels, ~0.5 ms of Python and autograd per call on either
-    side), so this is printed beside it: the same work, with the host taken out.
-    """
-    if DEVICE.type != "cuda":
-        return None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            for t in grad_to_none or ():
-                t.grad = None
-            fn()
-        sync()
-    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / iters / 1e3
-
-
-def kernel_table(fn, iters: int = 5) -> list:
-    """[(kernel name, us per call)] of ``fn()``'s GPU kernels, longest first; [] off GPU."""
+def kernel_table(fn, grad_to_none=None, iters: int = 10) -> list:
+    """[(kernel name, us per call)] of ``fn()``'s GPU kernels (profiler), longest first; [] off GPU."""
     if DEVICE.type != "cuda":
         return []
     from collections import defaultdict
@@ -382,6 +359,8 @@ def kernel_table(fn, iters: int = 5) -> list:
     sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
+            for t in grad_to_none or ():
+                t.grad = None
             fn()
         sync()
     per = defaultdict(float)
@@ -391,6 +370,25 @@ def kernel_table(fn, iters: int = 5) -> list:
     return sorted(per.items(), key=lambda kv: -kv[1])
 
 
+def kernel_ms(fn, grad_to_none=None, iters: int = 10):
+    """GPU time of ``fn()``'s kernels (profiler, summed per call); None off GPU.
+
+    do_bench of a norm or GeLU forward+backward is bound by host time on the H100
+    machine (20-150 us kernels, ~0.5 ms of Python and autograd per call on either
+    side), so this is printed beside it: the same work, with the host taken out.
+    """
+    if DEVICE.type != "cuda":
+        return None
+    return sum(us for _, us in kernel_table(fn, grad_to_none, iters)) / 1e3
+
+
+def gpu_fields(gpu, io_bytes: int = 0) -> dict:
+    """``record`` extras for a GPU kernel time (``kernel_ms``): none off GPU; GB/s when bytes are given."""
+    if gpu is None:
+        return {}
+    return {"gpu_ms": round(gpu, 4), **({"gpu_gbps": io_bytes / gpu / 1e6} if io_bytes else {})}
+
+
 def _time_fwd_bwd(section: str, name: str, who: str, fn, args, dy, fwd_bytes: int) -> None:
     """Forward alone (no_grad) and forward+backward producing every input's gradient, both sides alike."""
     with torch.no_grad():
@@ -398,9 +396,8 @@ def _time_fwd_bwd(section: str, name: str, who: str, fn, args, dy, fwd_bytes: in
         gpu_f = kernel_ms(lambda: fn(*args))
     ms_fb = time_ms(lambda: fn(*args).backward(dy), grad_to_none=list(args))
     gpu_fb = kernel_ms(lambda: fn(*args).backward(dy), grad_to_none=list(args))
-    gpu = lambda g: {} if g is None else {"gpu_ms": round(g, 4)}  # noqa: E731
-    record(section, f"{name} fwd {who}", ms_f, gbps=fwd_bytes / ms_f / 1e6, **gpu(gpu_f))
-    record(section, f"{name} fwd+bwd {who}", ms_fb, **gpu(gpu_fb))
+    record(section, f"{name} fwd {who}", ms_f, gbps=fwd_bytes / ms_f / 1e6, **gpu_fields(gpu_f))
+    record(section, f"{name} fwd+bwd {who}", ms_fb, **gpu_fields(gpu_fb))
 
 
 def bench_norms(cfg) -> None:
@@ -571,7 +568,7 @@ def bench_layers(cfg) -> None:
         ms, gpu = time_ms(ours), kernel_ms(ours)
         default = " (default)" if (tile, pps, warps) == _RES_BWD else ""
         record("layers", f"residual norm bwd funzero tile={tile} programs/SM={pps} warps={warps}{default}", ms,
-               **({} if gpu is None else {"gpu_ms": round(gpu, 4), "gpu_gbps": io / gpu / 1e6}))
+               **gpu_fields(gpu, io))
     # The same pass reading the forward's saved statistics instead of recomputing them (two fewer row reductions).
     tile, pps, warps = _RES_BWD
     saved = lambda: _norm_bwd_triton(dy, x, w, mean.view(-1), rstd.view(-1), False, True, dr=dr, tile=tile,  # noqa: E731
@@ -579,11 +576,10 @@ def bench_layers(cfg) -> None:
     ok, detail = close(saved()[0], want[0], 2.0**-7, 2.0**-7 * max(want[0].float().abs().max().item(), 1.0))
     check("layers", "residual norm backward dx, saved statistics", ok, detail)
     ms, gpu = time_ms(saved), kernel_ms(saved)
-    record("layers", "residual norm bwd funzero, saved statistics", ms,
-           **({} if gpu is None else {"gpu_ms": round(gpu, 4), "gpu_gbps": io / gpu / 1e6}))
-    ms, gpu = time_ms(lambda: peer(dy, dr, x, mean, rstd, w, b)), kernel_ms(lambda: peer(dy, dr, x, mean, rstd, w, b))
-    record("layers", "residual norm bwd torch.compile (layer_norm_backward, add, sum)", ms,
-           **({} if gpu is None else {"gpu_ms": round(gpu, 4), "gpu_gbps": io / gpu / 1e6}))
+    record("layers", "residual norm bwd funzero, saved statistics", ms, **gpu_fields(gpu, io))
+    theirs = lambda: peer(dy, dr, x, mean, rstd, w, b)  # noqa: E731
+    ms, gpu = time_ms(theirs), kernel_ms(theirs)
+    record("layers", "residual norm bwd torch.compile (layer_norm_backward, add, sum)", ms, **gpu_fields(gpu, io))
     del x, w, b, dy, dr, mean, rstd, want, got
     free()
 
@@ -612,8 +608,7 @@ def bench_layers(cfg) -> None:
             fn(*args).backward(g)  # compile outside the timing
             ms = time_ms(lambda: fn(*args).backward(g), grad_to_none=list(args))
             gpu = kernel_ms(lambda: fn(*args).backward(g), grad_to_none=list(args))
-            record("layers", f"{name} fwd+bwd compiled, {who} ({B}x{T}x{C})", ms,
-                   **({} if gpu is None else {"gpu_ms": round(gpu, 4)}))
+            record("layers", f"{name} fwd+bwd compiled, {who} ({B}x{T}x{C})", ms, **gpu_fields(gpu))
     del x, w_fc, b_fc, w_qkv, b_qkv
     free()
 
@@ -630,11 +625,11 @@ def bench_layers(cfg) -> None:
         params = list(block.parameters())
         fn(x).backward(g)
         step = lambda: fn(x).backward(g)  # noqa: E731
-        ms, gpu = time_ms(step, grad_to_none=[x, *params]), kernel_ms(step, grad_to_none=[x, *params])
+        table = kernel_table(step, grad_to_none=[x, *params])
+        ms, gpu = time_ms(step, grad_to_none=[x, *params]), sum(us for _, us in table) / 1e3 if table else None
         name = "+".join(kernels)
-        record("layers", f"GPT block fwd+bwd compiled, kernels {name} ({B}x{T}x{C})", ms,
-               **({} if gpu is None else {"gpu_ms": round(gpu, 4)}))
-        for kname, us in kernel_table(step)[:14]:
+        record("layers", f"GPT block fwd+bwd compiled, kernels {name} ({B}x{T}x{C})", ms, **gpu_fields(gpu))
+        for kname, us in table[:14]:
             log(f"      {us:8.1f} us  {kname[:110]}")
         del block, fn, params
         free()
