@@ -167,9 +167,13 @@ def _norm_bwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def _tile_shape(M: int, D: int, tile: int = _TILE) -> tuple[int, int]:
+def _check_width(D: int) -> None:
     if D > _MAX_D:
         raise ValueError(f"normalized dimension must be at most {_MAX_D} for the Triton kernel, got {D=}")
+
+
+def _tile_shape(M: int, D: int, tile: int = _TILE) -> tuple[int, int]:
+    _check_width(D)
     block_d = next_pow2(D)
     block_m = max(1, min(next_pow2(M), tile // block_d))
     return block_m, block_d
@@ -453,6 +457,5 @@ def residual_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual_bi
                          f"got {tuple(residual_bias.shape)}")
     if not use_triton(x) or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
         return x + residual_bias, F.layer_norm(x, (D,), weight, bias, eps)
-    if D > _MAX_D:
-        raise ValueError(f"normalized dimension must be at most {_MAX_D} for the Triton kernel, got {D=}")
+    _check_width(D)  # here, not first in backward: its forward is plain ops
     return _ResidualNorm.apply(x, weight, bias, residual_bias, float(eps))
