@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     state = fz.init(model, tx, plan, precision=precision)
     step = fz.train_step(model, loss_fn, tx, plan)
     if args.compile:
-        step = torch.compile(step)
+        step = torch.compile(step, options=fz.inductor_options())
 
     data = corpus()
     split = int(0.95 * len(data))

@@ -2,12 +2,13 @@
 
     plan = funzero.zero(stage=3, groups=[r"blocks\\.(\\d+)\\."])
     state = funzero.init(model, tx, plan, precision=funzero.bf16())
-    step = torch.compile(funzero.train_step(model, loss_fn, tx, plan))
+    step = torch.compile(funzero.train_step(model, loss_fn, tx, plan), options=funzero.inductor_options())
     state, metrics = step(state, batch)
 """
 
 from funzero import optim
 from funzero._checkpoint import load_state, save_state
+from funzero._compile import inductor_options
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._gather import track_gathered
 from funzero._graph import cuda_graph
@@ -56,6 +57,7 @@ __all__ = [
     "fp16",
     "fp32",
     "gather_params",
+    "inductor_options",
     "init",
     "load_state",
     "optim",
