@@ -18,11 +18,11 @@ Systems:
   ds-zero{1,2,3}  deepspeed.initialize, bf16, ZeRO stage k, torch's fused AdamW (no JIT build)
   fz{0,1,2,3}-eager / fz{k}-compile
                   funzero stage k, bf16 params + fp32 master, funzero.ops kernels in the model
-                  and the fused flat AdamW; -compile wraps the whole step in torch.compile
-                  with ``options=funzero.inductor_options()`` (persistent row reductions to 2048)
+                  and the fused flat AdamW; -compile wraps the whole step in fz.compile
+                  (torch.compile with persistent row reductions up to 2048 elements)
   <system>@cdt    compiled with inductor's coordinate-descent tuning
-  <system>@wide   a torch system compiled with funzero.inductor_options() as well
-  <system>@narrow a funzero system compiled without them (inductor's defaults)
+  <system>@wide   a torch system compiled with fz.compile's heuristics as well
+  <system>@narrow a funzero system compiled with plain torch.compile
 """
 
 from __future__ import annotations
@@ -66,13 +66,13 @@ def make_model(cfg: GPTConfig, device, compile_blocks: bool = False) -> GPT:
     return model
 
 
-# Inductor options per system: funzero systems take funzero.inductor_options(), torch systems
-# inductor's defaults; ``@wide`` / ``@narrow`` swap that for one run (see ``run``).
+# The compiler per system: funzero systems take fz.compile, torch systems torch.compile;
+# ``@wide`` / ``@narrow`` swap that for one run (see ``run``).
 _OPTIONS = {"swap": False}
 
 
-def compile_options(funzero_system: bool):
-    return fz.inductor_options() if funzero_system != _OPTIONS["swap"] else None
+def compiler(funzero_system: bool):
+    return fz.compile if funzero_system != _OPTIONS["swap"] else torch.compile
 
 
 # --- systems: each returns (step(i) -> loss tensor, cleanup) ------------------------------------
@@ -83,7 +83,7 @@ def torch_system(cfg, data, device, compiled: bool, graphed: bool = False):
     model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=device.type == "cuda",
                             capturable=graphed)
-    fwd = torch.compile(model, options=compile_options(False)) if compiled else model
+    fwd = compiler(False)(model) if compiled else model
 
     def train(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphed):
@@ -180,7 +180,7 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
     step_fn = fz.train_step(model, loss_fn, tx, plan)
     step_fn.engine.leaf_grads = leaf_grads
     if compiled:
-        step_fn = torch.compile(step_fn, options=compile_options(True))
+        step_fn = compiler(True)(step_fn)
     if graphed:
         step_fn = fz.cuda_graph(step_fn, warmup=3)
     box = {"state": state}
@@ -217,26 +217,19 @@ def build(system: str, cfg, data, device, batch):
 
 def run(system, model_name, args, device) -> dict:
     """One system on one model. Options after ``@``, joined by ``+``: ``cdt`` compiles with
-    inductor's coordinate-descent tuning of its generated kernels; ``wide`` gives a torch system
-    ``funzero.inductor_options()`` and ``narrow`` takes them from a funzero system. Both turn the
-    compiled-graph caches off for the run: on torch < 2.12 their key does not tell the options
-    apart, and a graph compiled the other way earlier in the process would be reused."""
+    inductor's coordinate-descent tuning of its generated kernels; ``wide`` compiles a torch system
+    with ``fz.compile`` and ``narrow`` a funzero system with plain ``torch.compile``."""
     base, _, opts = system.partition("@")
     if opts:
-        import torch._functorch.config as functorch_config
         import torch._inductor.config as inductor_config
 
         given = set(opts.split("+"))
         unknown = given - {"cdt", "wide", "narrow"}
         if unknown:
             raise ValueError(f"unknown system option(s) {sorted(unknown)} in {system!r}")
-        swap = bool(given & {"wide", "narrow"})
-        patch = {"coordinate_descent_tuning": True} if "cdt" in given else {}
-        if swap:
-            patch["fx_graph_cache"] = False
-        _OPTIONS["swap"] = swap
+        _OPTIONS["swap"] = bool(given & {"wide", "narrow"})
         try:
-            with inductor_config.patch(patch), functorch_config.patch(enable_autograd_cache=not swap):
+            with inductor_config.patch(coordinate_descent_tuning="cdt" in given):
                 r = run(base, model_name, args, device)
         finally:
             _OPTIONS["swap"] = False

@@ -58,7 +58,7 @@ def parse(argv=None):
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--compile", action="store_true", help="torch.compile the step")
+    p.add_argument("--compile", action="store_true", help="compile the step (fz.compile: torch.compile with funzero's inductor heuristics)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     state = fz.init(model, tx, plan, precision=precision)
     step = fz.train_step(model, loss_fn, tx, plan)
     if args.compile:
-        step = torch.compile(step, options=fz.inductor_options())
+        step = fz.compile(step)
 
     data = corpus()
     split = int(0.95 * len(data))

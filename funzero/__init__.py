@@ -2,13 +2,13 @@
 
     plan = funzero.zero(stage=3, groups=[r"blocks\\.(\\d+)\\."])
     state = funzero.init(model, tx, plan, precision=funzero.bf16())
-    step = torch.compile(funzero.train_step(model, loss_fn, tx, plan), options=funzero.inductor_options())
+    step = funzero.compile(funzero.train_step(model, loss_fn, tx, plan))  # torch.compile + heuristics
     state, metrics = step(state, batch)
 """
 
 from funzero import optim
 from funzero._checkpoint import load_state, save_state
-from funzero._compile import inductor_options
+from funzero._compile import compile
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._gather import track_gathered
 from funzero._graph import cuda_graph
@@ -37,6 +37,7 @@ __all__ = [
     "MemoryEstimate",
     "StageChoice",
     "choose_stage",
+    "compile",
     "estimate_memory",
     "format_bytes",
     "gpt_activations",
@@ -57,7 +58,6 @@ __all__ = [
     "fp16",
     "fp32",
     "gather_params",
-    "inductor_options",
     "init",
     "load_state",
     "optim",

@@ -183,7 +183,7 @@ def cuda_graph(step: Callable, *, warmup: int = 3) -> Callable:
     and the allocator's growth happen there). The next call records one step on the state and
     batch it is given and replays it; later calls copy their batch into the recorded buffers and
     replay, with no Python of the step and no kernel launches on the host. ``step`` may be the
-    plain or the ``torch.compile``'d function from :func:`train_step`.
+    plain or the compiled (``fz.compile`` / ``torch.compile``) function from :func:`train_step`.
 
     Each call returns the recorded state object, its buffers advanced in place, and the metrics
     copied out. Pass back the state it returned (any other state of the same structure is
@@ -200,7 +200,7 @@ def cuda_graph(step: Callable, *, warmup: int = 3) -> Callable:
             buffer was recorded for both leaves), or ``warmup < 1``.
 
     Example:
-        >>> step = fz.cuda_graph(torch.compile(fz.train_step(model, loss_fn, tx, plan)))
+        >>> step = fz.cuda_graph(fz.compile(fz.train_step(model, loss_fn, tx, plan)))
         >>> for batch in loader:
         ...     state, metrics = step(state, batch)
     """
