@@ -583,6 +583,37 @@ def bench_layers(cfg) -> None:
     del x, w, b, dy, dr, mean, rstd, want, got
     free()
 
+    # The forward side of the same fork, as inductor writes it in the compiled step: the residual
+    # add (the branch's output and the previous bias) + LayerNorm, compiled by torch.compile and
+    # by fz.compile (persistent row reductions up to 2048: one read of each row instead of two).
+    import funzero as fz
+
+    xp, branch = (torch.randn(M, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    rb, w, b = (torch.randn(D, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+
+    def add_norm(xp, branch, rb, w, b):
+        xn = xp + rb + branch
+        return xn, F.layer_norm(xn, (D,), w, b)
+
+    io = 4 * M * D * 2  # read xp, branch; write x, y (bf16)
+    outs = {}
+    for who, comp in (("torch.compile", torch.compile), ("fz.compile", fz.compile)):
+        torch._dynamo.reset()
+        fn = add_norm if SMOKE else comp(add_norm)
+        with torch.no_grad():
+            outs[who] = fn(xp, branch, rb, w, b)
+            run = lambda: fn(xp, branch, rb, w, b)  # noqa: E731
+            ms, table = time_ms(run), kernel_table(run)
+        gpu = sum(us for _, us in table) / 1e3 if table else None
+        kinds = ", ".join(name[:40] for name, _ in table)
+        record("layers", f"residual add + LayerNorm fwd {who} ({M}x{D}){' [' + kinds + ']' if kinds else ''}", ms,
+               **gpu_fields(gpu, io))
+    for label, g, wt in zip(("x", "y"), outs["fz.compile"], outs["torch.compile"]):
+        ok, detail = close(g, wt, 2.0**-7, 2.0**-7 * max(wt.float().abs().max().item(), 1.0))
+        check("layers", f"residual add + LayerNorm fwd, fz.compile vs torch.compile: {label}", ok, detail)
+    del xp, branch, rb, w, b, outs
+    free()
+
     # The layers with their matmuls, fwd+bwd under torch.compile, as in the compiled train step.
     B, NH, T, HS = cfg["attention_shapes"][-1]
     C = NH * HS

@@ -389,6 +389,24 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def burn(seconds: float) -> None:
+    """Run 8192^3 bf16 matmuls for ``seconds``, logging their rate at the start and the end."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    t0, rates = time.perf_counter(), []
+    while time.perf_counter() - t0 < seconds:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            a @ b
+        end.record()
+        end.synchronize()
+        rates.append(20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12)
+    log(f"burn: {seconds:.0f} s of matmuls, {rates[0]:.0f} TFLOP/s at the start, {rates[-1]:.0f} at the end")
+    del a, b
+    torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="124m,350m,1.5b")
@@ -401,6 +419,9 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, no DeepSpeed")
     p.add_argument("--profile", default="", help="comma list of systems to profile for 2 steps (top CUDA kernels)")
     p.add_argument("--clip", type=float, default=0.0, help="clip the global gradient norm to this in every system")
+    p.add_argument("--burn", type=float, default=0.0,
+                   help="seconds of bf16 matmuls before the first system, so every system runs on a GPU at its "
+                        "working temperature (the H100 here slows its matmuls ~1%% over the first minutes)")
     args = p.parse_args(argv)
     global CLIP
     CLIP = args.clip
@@ -418,6 +439,8 @@ def main(argv=None):
         os.environ.setdefault("WORLD_SIZE", "1")
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    if args.burn > 0 and device.type == "cuda":
+        burn(args.burn)
     rows = []
     for m in args.models.split(","):
         for s in systems:
