@@ -375,11 +375,13 @@ def plot(rows, path):
 
     ok = [r for r in rows if "error" not in r]
     models = list(dict.fromkeys(r["model"] for r in ok))
-    systems = list(dict.fromkeys(r["system"] for r in ok))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        rs = {r["system"]: r["tokens_per_s"] for r in ok if r["model"] == m}
-        names = [s for s in systems if s in rs]
+        rs, seen = {}, {}
+        for r in (r for r in ok if r["model"] == m):  # a system run twice (A-B-A) gets a bar per run
+            seen[r["system"]] = seen.get(r["system"], 0) + 1
+            rs[r["system"] + (f" (run {seen[r['system']]})" if seen[r["system"]] > 1 else "")] = r["tokens_per_s"]
+        names = list(rs)
         colors = ["tab:orange" if n.startswith("fz") else ("tab:gray" if n.startswith("ds") else "tab:blue") for n in names]
         ax.barh(names, [rs[n] / 1e3 for n in names], color=colors)
         ax.set_title(f"GPT-2 {m}")
