@@ -81,3 +81,26 @@ def test_compiled_with_inductor_matches_eager():
 def test_bad_limit_is_named(bad):
     with pytest.raises(ValueError, match=r"max_persistent_row must be an int >= 1024 .* got " + repr(bad).replace(".", r"\.")):
         fz.compile(lambda x: x, max_persistent_row=bad)
+
+
+def test_compiled_train_step_trains_like_the_eager_one():
+    """The wrapper hands state and batch through unchanged: fz.compile(train_step) ends where the
+    eager step does (float64, one process, stage 2; aot_eager: inductor's own train-step
+    compile is tests/test_compile.py's)."""
+    from tests._models import GROUPS, batches, lm_loss, tiny_gpt
+
+    out = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = tiny_gpt(dtype=torch.float64)
+        plan = fz.zero(2, groups=GROUPS)
+        tx = fz.optim.adamw(1e-2, weight_decay=0.1)
+        state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
+        step = fz.train_step(model, lm_loss, tx, plan)
+        if compiled:
+            step = fz.compile(step, backend="aot_eager")
+        for b in batches(2):
+            state, metrics = step(state, b)
+        out[compiled] = fz.gather_params(state, plan)
+    for k, want in out[False].items():
+        torch.testing.assert_close(out[True][k], want, rtol=1e-10, atol=1e-12)
