@@ -65,5 +65,4 @@ def compile(fn: Callable, *, max_persistent_row: int = _DEFAULT_ROW, **kwargs: A
         with V.set_choices_handler(choices):
             return compiled(*args, **kw)
 
-    run.compiled = compiled  # the torch.compile'd object, for inspection
     return run

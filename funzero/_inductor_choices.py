@@ -3,11 +3,10 @@ it imports inductor). Module level, so the compiled-graph cache can pickle a ref
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch._inductor import config
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
+from torch._inductor.virtualized import V
 
 
 class WideRows(InductorChoices):
@@ -20,19 +19,10 @@ class WideRows(InductorChoices):
     def should_use_persistent_reduction(self, features, cooperative_reduction: bool) -> bool:
         if (config.triton.persistent_reductions and not cooperative_reduction
                 and features.get_reduction_hint() == ReductionHint.INNER
-                and _known_leq(features.reduction_numel, self.limit)):
+                and V.graph.sizevars.statically_known_leq(features.reduction_numel, self.limit)):
             return True
         return super().should_use_persistent_reduction(features, cooperative_reduction)
 
     def uuid(self) -> str:  # the compiled-graph cache key (torch >= 2.12 asks for it)
         return f"funzero.WideRows(limit={self.limit})"
 
-
-def _known_leq(numel: Any, limit: int) -> bool:
-    """Whether ``numel`` (an int or a sympy expression) is known to be at most ``limit``."""
-    try:
-        return int(numel) <= limit
-    except TypeError:  # symbolic
-        from torch._inductor.virtualized import V
-
-        return bool(V.graph.sizevars.statically_known_leq(numel, limit))
