@@ -334,10 +334,14 @@ def _torch_hp() -> dict:
 # --------------------------------------------------------------------------- norms
 
 
+def close_scaled(got: torch.Tensor, want: torch.Tensor, rel: float) -> tuple:
+    """``close`` with the absolute bound ``rel`` times the larger of ``want``'s largest magnitude and 1."""
+    return close(got, want, rel, rel * max(want.float().abs().max().item(), 1.0))
+
+
 def _grads_close(section, name, got, want, rel) -> None:
     for label, g, w in zip(("out", "dx", "dw", "db"), got, want):
-        scale = max(w.float().abs().max().item(), 1.0)
-        ok, detail = close(g, w, rel, rel * scale)
+        ok, detail = close_scaled(g, w, rel)
         check(section, f"{name} {label}", ok, detail)
 
 
@@ -377,9 +381,12 @@ def kernel_ms(fn, grad_to_none=None, iters: int = 10):
     machine (20-150 us kernels, ~0.5 ms of Python and autograd per call on either
     side), so this is printed beside it: the same work, with the host taken out.
     """
-    if DEVICE.type != "cuda":
-        return None
-    return sum(us for _, us in kernel_table(fn, grad_to_none, iters)) / 1e3
+    return table_ms(kernel_table(fn, grad_to_none, iters))
+
+
+def table_ms(table: list):
+    """The summed GPU time (ms) of a ``kernel_table``; None for an empty one (off GPU)."""
+    return sum(us for _, us in table) / 1e3 if table else None
 
 
 def gpu_fields(gpu, io_bytes: int = 0) -> dict:
@@ -512,7 +519,7 @@ def bench_layers(cfg) -> None:
     want = peer(dy, z)
     got = _gelu_bwd_tiles(dy, z, True)
     for label, g, w, rel in (("dz", got[0], want[0], 2.0**-8), ("db", got[1], want[1], 2.0**-7)):
-        ok, detail = close(g, w, rel, rel * max(w.float().abs().max().item(), 1.0))
+        ok, detail = close_scaled(g, w, rel)
         check("layers", f"gelu backward {label}", ok, detail)
     io = 3 * M * H * 2  # read dy, z; write dz (bf16)
     for tile in cfg["gelu_tile_sweep"] or [_GRAD_TILE]:
@@ -532,7 +539,7 @@ def bench_layers(cfg) -> None:
         want = peer(dq, dk, dv)
         got = _heads_grad(dq, dk, dv, True)
         check("layers", f"heads grad g bit-equal ({shape}; strides {dq.stride()})", torch.equal(got[0], want[0]))
-        ok, detail = close(got[1], want[1], 2.0**-7, 2.0**-7 * max(want[1].float().abs().max().item(), 1.0))
+        ok, detail = close_scaled(got[1], want[1], 2.0**-7)
         check("layers", f"heads grad db ({shape})", ok, detail)
         io = 2 * 3 * B * T * NH * HS * 2
         for bt, warps in cfg["heads_sweep"] or [(_BLOCK_T, _NUM_WARPS)]:
@@ -556,7 +563,7 @@ def bench_layers(cfg) -> None:
     got = _norm_bwd_triton(dy, x, w, None, None, False, True, dr=dr, eps=1e-5)
     for label, g, wt in zip(("dx", "dw", "db", "dres"), got, want):
         rel = 2.0**-7
-        ok, detail = close(g, wt, rel, rel * max(wt.float().abs().max().item(), 1.0))
+        ok, detail = close_scaled(g, wt, rel)
         check("layers", f"residual norm backward {label}", ok, detail)
     io = 4 * M * D * 2  # read dy, dr, x; write dx (bf16)
     for tile, pps, warps in cfg["resnorm_sweep"] or [_RES_BWD]:
@@ -573,7 +580,7 @@ def bench_layers(cfg) -> None:
     tile, pps, warps = _RES_BWD
     saved = lambda: _norm_bwd_triton(dy, x, w, mean.view(-1), rstd.view(-1), False, True, dr=dr, tile=tile,  # noqa: E731
                                      programs_per_sm=pps, num_warps=warps)
-    ok, detail = close(saved()[0], want[0], 2.0**-7, 2.0**-7 * max(want[0].float().abs().max().item(), 1.0))
+    ok, detail = close_scaled(saved()[0], want[0], 2.0**-7)
     check("layers", "residual norm backward dx, saved statistics", ok, detail)
     ms, gpu = time_ms(saved), kernel_ms(saved)
     record("layers", "residual norm bwd funzero, saved statistics", ms, **gpu_fields(gpu, io))
@@ -604,12 +611,12 @@ def bench_layers(cfg) -> None:
             outs[who] = fn(xp, branch, rb, w, b)
             run = lambda: fn(xp, branch, rb, w, b)  # noqa: E731
             ms, table = time_ms(run), kernel_table(run)
-        gpu = sum(us for _, us in table) / 1e3 if table else None
+        gpu = table_ms(table)
         kinds = ", ".join(name[:40] for name, _ in table)
         record("layers", f"residual add + LayerNorm fwd {who} ({M}x{D}){' [' + kinds + ']' if kinds else ''}", ms,
                **gpu_fields(gpu, io))
     for label, g, wt in zip(("x", "y"), outs["fz.compile"], outs["torch.compile"]):
-        ok, detail = close(g, wt, 2.0**-7, 2.0**-7 * max(wt.float().abs().max().item(), 1.0))
+        ok, detail = close_scaled(g, wt, 2.0**-7)
         check("layers", f"residual add + LayerNorm fwd, fz.compile vs torch.compile: {label}", ok, detail)
     del xp, branch, rb, w, b, outs
     free()
@@ -657,7 +664,7 @@ def bench_layers(cfg) -> None:
         fn(x).backward(g)
         step = lambda: fn(x).backward(g)  # noqa: E731
         table = kernel_table(step, grad_to_none=[x, *params])
-        ms, gpu = time_ms(step, grad_to_none=[x, *params]), sum(us for _, us in table) / 1e3 if table else None
+        ms, gpu = time_ms(step, grad_to_none=[x, *params]), table_ms(table)
         name = "+".join(kernels)
         record("layers", f"GPT block fwd+bwd compiled, kernels {name} ({B}x{T}x{C})", ms, **gpu_fields(gpu))
         for kname, us in table[:14]:
