@@ -417,8 +417,6 @@ def _train_state_bytes(layouts: Mapping[str, FlatLayout], stage: int, precision:
     Mirrors ``_state.init`` step by step; ``tests/test_memory.py`` compares the result with
     ``state_nbytes`` of real states, so a change there that is not made here fails a test.
     """
-    from funzero.optim import MultiSteps
-
     params, master = {}, {}
     for g, lay in layouts.items():
         params[g] = _meta(lay.shard_numel if stage == 3 else lay.padded, precision.param_dtype)
@@ -430,11 +428,12 @@ def _train_state_bytes(layouts: Mapping[str, FlatLayout], stage: int, precision:
         target = params
     else:  # stages 1-2 in one dtype: the optimizer sees this rank's slice of the full params
         target = {g: _meta(layouts[g].shard_numel, precision.param_dtype) for g in layouts}
-    if isinstance(tx, MultiSteps):
-        opt_state = tx.init(target, grad_like=params if stage == 1 else target)
+    acc = tx.traits.accumulate
+    if acc is not None:
+        opt_state = acc.init(target, grad_like=params if stage == 1 else target)
         # Only the inner state is placed; the accumulator and its counter stay on the device.
-        device_part = _nbytes(opt_state) - _nbytes(opt_state.inner_state)
-        placed = opt_state.inner_state
+        device_part = _nbytes(opt_state) - _nbytes(acc.inner_state(opt_state))
+        placed = acc.inner_state(opt_state)
     else:
         opt_state = tx.init(target)
         device_part = 0

@@ -166,14 +166,13 @@ def init(
     opt_target = out_master if precision.has_master else (
         {g: plan.opt_view(t, binding.layouts[g]) for g, t in out_params.items()}
     )
-    from funzero.optim import MultiSteps
-
-    if isinstance(tx, MultiSteps):
+    acc = tx.traits.accumulate
+    if acc is not None:
         # The accumulator holds what backward produces: stage 1 full local gradients, else
         # gradients shaped like the optimizer's target, on the compute device.
         grad_like = out_params if not plan.reduce_in_backward else {g: torch.empty(t.shape, dtype=t.dtype, device=device) for g, t in opt_target.items()}
-        opt_state = tx.init(opt_target, grad_like=grad_like)
-        opt_state = opt_state._replace(inner_state=_place_tree(pl, opt_state.inner_state, "opt"))
+        opt_state = acc.init(opt_target, grad_like=grad_like)
+        opt_state = acc.with_inner_state(opt_state, _place_tree(pl, acc.inner_state(opt_state), "opt"))
     else:
         opt_state = _place_tree(pl, tx.init(opt_target), "opt")
     scaler = None

@@ -44,7 +44,6 @@ from funzero._gather import Stage3Hooks
 from funzero._plan import Plan
 from funzero._state import BINDINGS, TrainState
 from funzero.optim import GradientTransformation, ShardInfo, tree_map
-from funzero.optim._accumulate import MultiSteps, MultiStepsState
 from funzero.optim._base import LeafGrads, gradient_tensors
 
 __all__ = ["train_step"]
@@ -84,8 +83,8 @@ class _Engine:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, tx: GradientTransformation, plan: Plan, has_aux: bool):
         self.model, self.loss_fn, self.tx, self.plan, self.has_aux = model, loss_fn, tx, plan, has_aux
-        self.multi = tx if isinstance(tx, MultiSteps) else None
-        self.inner = tx.inner if self.multi is not None else tx
+        self.multi = tx.traits.accumulate
+        self.inner = self.multi.inner if self.multi is not None else tx
         self.hooks: Stage3Hooks | None = None
         self.binding = None
         self.swaps: dict[int, torch.Tensor] = {}  # NVMe leaves renamed by this step's host update
@@ -136,7 +135,8 @@ class _Engine:
             and p.num_shards == 1
             and not self.gathered
             and self.multi is None
-            and getattr(self.inner.fused_apply, "leafwise", False)
+            and self.inner.traits.fused is not None
+            and self.inner.traits.fused.takes_leaves
             and not b.placement.offloaded("opt_state")
             and not b.placement.offloaded("params")
             and all(t.dtype == torch.float32 for t in target.values())
@@ -394,8 +394,8 @@ class _Engine:
         tx = self.inner
         # The fused kernels keep fp32 master/moments; other dtypes (fp64 tests) take the chain.
         fusable = all(t.dtype == torch.float32 for t in target.values())
-        if tx.fused_apply is not None and fusable:
-            new_opt = tx.fused_apply(
+        if tx.traits.fused is not None and fusable:
+            new_opt = tx.traits.fused.apply(
                 grads, opt_state, target, param_out=param_out, grad_scale=grad_scale, found_inf=found_inf,
                 info=info, to_state=to_state if host else None,
             )
@@ -449,13 +449,13 @@ class _Engine:
         """Whether the update takes the pipelined host path (``_offload.py``): optimizer state in
         host memory or NVMe files (parameters not in files), an fp32 master, and an optimizer
         whose update runs group by group."""
-        return self.split(state, state.opt_state if self.multi is None else state.opt_state.inner_state) is not None
+        return self.split(state, state.opt_state if self.multi is None else self.multi.inner_state(state.opt_state)) is not None
 
     def split(self, state: TrainState, opt_state: Any):
         """``(prefix, per-group update, its state, join)`` for the pipelined host update, or None."""
         pl = state.binding.placement
-        fa = self.inner.fused_apply
-        parts = getattr(fa, "split", None)
+        fa = self.inner.traits.fused
+        parts = None if fa is None else fa.groupwise
         ok = (
             pl.offloaded("opt_state")
             and "nvme" not in pl.kinds("params")
@@ -635,16 +635,13 @@ class _Engine:
         metrics: dict[str, Any] = {}
         opt_state = state.opt_state
         if self.multi is not None:
-            ms: MultiStepsState = opt_state
-            acc = self.multi.accumulate(ms, grads)
-            ready = self.multi.is_ready(ms)
+            ready, grads, opt_state = self.multi.add(opt_state, grads)
             if not ready:
-                new_state = state.replace(opt_state=MultiStepsState(ms.mini_step + 1, acc, ms.inner_state))
+                new_state = state.replace(opt_state=opt_state)
                 metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
                 metrics["applied"] = torch.zeros((), dtype=torch.bool, device=loss.device)
                 return new_state, _with_aux(metrics, aux)
-            grads = self.multi.mean(acc)
-            inner_state = ms.inner_state
+            inner_state = self.multi.inner_state(opt_state)
         else:
             inner_state = opt_state
         grads = self.finish_reduce(grads, state)
@@ -654,7 +651,7 @@ class _Engine:
             grad_scale = (1.0 / state.scaler.scale).to(torch.float32)
         new_inner, master, params = self.apply_update(state, grads, inner_state, grad_scale, found_inf)
         if self.multi is not None:
-            new_opt = MultiStepsState(torch.zeros_like(opt_state.mini_step), self.multi.zeros(acc), new_inner)
+            new_opt = self.multi.with_inner_state(opt_state, new_inner)
             metrics["applied"] = torch.ones((), dtype=torch.bool, device=loss.device)
         else:
             new_opt = new_inner

@@ -65,11 +65,11 @@ def test_parity_with_torch_optim_over_20_steps(name, ours, theirs):
 def test_fused_adamw_path_matches_torch_adamw():
     """The engine's fused path (funzero.ops.adamw_: torch's fused CPU kernel here) on flat buffers."""
     tx = optim.adamw(1e-2, weight_decay=0.1)
-    assert tx.fused_apply is not None
+    assert tx.traits.fused is not None
     params = _params()
     state = tx.init(params)
     for grads in _grads(20):
-        state = tx.fused_apply(grads, state, params)
+        state = tx.traits.fused.apply(grads, state, params)
     want = _run_torch(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     for k in want:
         assert _rel(params[k], want[k]) <= 1e-6, k
@@ -251,3 +251,25 @@ def test_loss_scale_config_validation():
     p = fz.fp16()
     assert p.loss_scaling.initial_scale_power == 16 and p.loss_scaling.loss_scale_window == 1000
     assert p.loss_scaling.hysteresis == 2 and p.loss_scaling.min_loss_scale == 1.0
+
+
+def test_combinators_keep_the_fused_update_and_its_capabilities():
+    """named_chain, chain and inject_hyperparams derive the fused-update record from their parts:
+    named_chain once rebuilt the fused pass without its per-group and per-leaf capabilities, so
+    the engine silently lost the pipelined host update for it."""
+    params = _params()
+    adamw = optim.adamw(1e-2, weight_decay=0.1)
+    for tx in (adamw, optim.chain(optim.clip_by_global_norm(1.0), adamw), optim.named_chain(("opt", adamw)),
+               optim.named_chain(("clip", optim.clip_by_global_norm(1.0)), ("opt", adamw))):
+        fused = tx.traits.fused
+        assert fused is not None and fused.takes_leaves
+        assert fused.groupwise(tx.init(params)) is not None
+    named = optim.named_chain(("clip", optim.clip_by_global_norm(1.0)), ("opt", adamw))
+    state = named.init(params)
+    gw = named.traits.fused.groupwise(state)
+    assert gw.prefix is not None  # the clipping norm runs over every group first
+    new = gw.join(*gw.prefix(_grads(1)[0], params, None, None)[1:2], gw.apply({}, gw.state, {}))
+    assert set(new) == {"clip", "opt"} and int(new["opt"][0].count) == 1
+    assert optim.lion(1e-3).traits.fused is None  # no fused pass: the engine runs update()
+    injected = optim.inject_hyperparams(optim.adamw, static_args=("weight_decay",))(learning_rate=1e-2, weight_decay=0.1)
+    assert injected.traits.fused is not None

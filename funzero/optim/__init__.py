@@ -3,12 +3,18 @@
 from funzero.optim._accumulate import MultiSteps, MultiStepsState, multi_steps
 from funzero.optim._inject import InjectHyperparamsState, inject_hyperparams
 from funzero.optim._base import (
+    Accumulate,
     EmptyState,
+    FusedUpdate,
     GradientTransformation,
+    Groupwise,
+    LeafGrads,
     ShardInfo,
+    Traits,
     apply_updates,
     chain,
     identity,
+    map_state,
     named_chain,
     tree_map,
 )
@@ -44,6 +50,12 @@ from funzero.optim._transforms import (
 )
 
 __all__ = [
+    "Accumulate",
+    "FusedUpdate",
+    "Groupwise",
+    "LeafGrads",
+    "Traits",
+    "map_state",
     "InjectHyperparamsState",
     "inject_hyperparams",
     "partition",

@@ -20,14 +20,19 @@ import torch
 from shardspec import FlatLayout
 
 __all__ = [
+    "Accumulate",
     "EmptyState",
+    "FusedUpdate",
     "GradientTransformation",
+    "Groupwise",
     "LeafGrads",
     "ShardInfo",
+    "Traits",
     "apply_updates",
     "chain",
     "gradient_tensors",
     "identity",
+    "map_state",
     "named_chain",
     "tree_map",
 ]
@@ -49,9 +54,9 @@ class LeafGrads:
     group's flat buffer.
 
     On one rank nothing needs the packed buffer, and packing it is a full copy of the gradient.
-    The engine hands this only to an optimizer whose ``fused_apply`` declares ``leafwise = True``
-    (:func:`funzero.optim.adamw`, and a :func:`chain` of scaling transforms before it), which
-    reads each leaf where it lies.
+    The engine hands this only to an optimizer whose fused update declares
+    ``takes_leaves=True`` (:func:`funzero.optim.adamw`, and a :func:`chain` of scaling
+    transforms before it), which reads each leaf where it lies.
 
     Attributes:
         paths: each leaf's path (for masks).
@@ -98,34 +103,101 @@ class ShardInfo:
         ]
 
 
-class GradientTransformation:
-    """A pair of pure functions ``init(params) -> state`` and ``update(...) -> (updates, state)``.
+# --- what a transform declares to the engine --------------------------------------------------
+class Groupwise(NamedTuple):
+    """A fused update taken apart so that an engine can run it one group at a time (the pipelined
+    host update streams groups through it as their gradients arrive).
 
-    ``fused_apply``, when present, performs ``update`` *and* the application to the master
-    weights in one pass (and writes the low-precision parameter copy): the engine calls it
-    instead of ``update`` + :func:`apply_updates`. It must compute the same function.
-
-    ``scale_by``, when present, says the transform is stateless and multiplies every update by
-    one scalar: ``scale_by(updates, prior, info) -> factor``, where ``prior`` (a float or 0-d
-    tensor) is the factor the updates still have to be multiplied by. A :func:`chain` of such
-    transforms before a fused optimizer folds them into the optimizer's ``grad_scale`` instead
-    of writing scaled gradients (clipping costs one read of the gradient, for its norm).
+    ``prefix(grads, master, info, grad_scale) -> (grads, prefix_states, grad_scale)`` is the
+    whole-tree work that must see every group first (a clipping norm), or ``None``. ``apply`` is
+    then called with ``{g: grad}`` of one group at a time and the same incoming ``state`` each
+    time (moments update in place); ``apply({}, state, {})`` returns the new state alone.
+    ``join(prefix_states, new_state)`` is the new state of the whole transform.
     """
 
-    def __init__(
-        self,
-        init: Callable[[Tree], Any],
-        update: Callable[..., tuple[Tree, Any]],
-        fused_apply: Callable[..., Any] | None = None,
-        scale_by: Callable[..., Any] | None = None,
-    ) -> None:
-        self.init = init
-        self.update = update
-        self.fused_apply = fused_apply
-        self.scale_by = scale_by
+    prefix: Callable[..., Any] | None
+    apply: Callable[..., Any]
+    state: Any
+    join: Callable[[Any, Any], Any]
 
-    def __iter__(self):  # allows `init, update = tx` as in optax
-        return iter((self.init, self.update))
+
+class FusedUpdate(NamedTuple):
+    """``update`` and its application to the master weights in one pass, as data.
+
+    Attributes:
+        apply: ``apply(grads, state, master, *, param_out=None, grad_scale=None, found_inf=None,
+            info=None, to_state=None) -> new state``: updates ``master`` in place (and writes the
+            low-precision copy into ``param_out``); it must compute what ``update`` followed by
+            :func:`apply_updates` computes. ``grad_scale`` multiplies the gradients first,
+            ``found_inf`` (nonzero) makes it a no-op that leaves the state as it was, ``to_state``
+            moves gradients to where the state lives.
+        groupwise: ``groupwise(state) -> Groupwise | None``: how to run ``apply`` group by group
+            for this state, or ``None`` when it cannot be (``None`` here: never).
+        takes_leaves: ``apply`` accepts :class:`LeafGrads` values.
+    """
+
+    apply: Callable[..., Any]
+    groupwise: Callable[[Any], Groupwise | None] | None = None
+    takes_leaves: bool = False
+
+
+class Accumulate(NamedTuple):
+    """Gradient accumulation declared to the engine (:func:`funzero.optim.multi_steps`).
+
+    The engine decides *what* is accumulated (stage 1's full local gradients, or the reduced
+    shards of the other stages: ``grad_like``) and calls these in this order each micro-step.
+
+    Attributes:
+        inner: the transform applied once every ``every_k`` micro-steps.
+        every_k: micro-steps per optimizer step.
+        init: ``init(params, grad_like) -> state`` (the accumulator shaped like ``grad_like``).
+        inner_state: ``inner_state(state) -> the inner transform's state``.
+        with_inner_state: ``with_inner_state(state, inner_state) -> state``.
+        add: ``add(state, grads) -> (ready, grads, state)``: accumulate one micro-batch's
+            gradients; when ``ready`` (decided on the host), ``grads`` is the mean to apply and
+            ``state`` the reset accumulator (the inner state untouched); otherwise ``grads`` is
+            ``None`` and ``state`` is the whole new state.
+    """
+
+    inner: "GradientTransformation"
+    every_k: int
+    init: Callable[..., Any]
+    inner_state: Callable[[Any], Any]
+    with_inner_state: Callable[[Any, Any], Any]
+    add: Callable[..., tuple[bool, Any, Any]]
+
+
+class Traits(NamedTuple):
+    """What a transform declares about itself beyond ``init``/``update``. Every field is an
+    optional speed-up or a contract the engine may rely on; a transform without any (the
+    default) is run through ``update`` alone.
+
+    Attributes:
+        fused: :class:`FusedUpdate`: update and apply in one pass (``funzero.optim.adamw``).
+        scale: ``scale(updates, prior, info) -> factor``: the transform is stateless and
+            multiplies every update by one scalar (``prior`` is the factor the updates still
+            have to be multiplied by); a :func:`chain` of such transforms before a fused one folds
+            them into its ``grad_scale`` (clipping costs one read of the gradient, for its norm).
+        accumulate: :class:`Accumulate`: gradient accumulation over micro-steps.
+    """
+
+    fused: FusedUpdate | None = None
+    scale: Callable[..., Any] | None = None
+    accumulate: Accumulate | None = None
+
+
+class GradientTransformation(NamedTuple):
+    """A pair of pure functions ``init(params) -> state`` and ``update(...) -> (updates, state)``
+    (optax's protocol), plus the :class:`Traits` the transform declares to the engine.
+
+    ``GradientTransformation(init, update)`` builds one with no traits. Combinators
+    (:func:`chain`, :func:`named_chain`, ``inject_hyperparams``) derive their traits from those
+    of their parts, so a capability is never lost by wrapping.
+    """
+
+    init: Callable[[Tree], Any]
+    update: Callable[..., tuple[Tree, Any]]
+    traits: Traits = Traits()
 
 
 def identity() -> GradientTransformation:
@@ -133,19 +205,23 @@ def identity() -> GradientTransformation:
     return GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None, **k: (u, s))
 
 
+def _check_transforms(where: str, transforms) -> None:
+    if not transforms:
+        raise ValueError(f"{where}() needs at least one transform")
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise ValueError(f"{where}: argument {i} is a {type(t).__name__}, not a GradientTransformation")
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transforms in sequence; the state is the tuple of their states.
 
-    If the last transform can fuse its application (:attr:`GradientTransformation.fused_apply`),
-    so can the chain: the earlier transforms run, then the last one's fused pass. Earlier
-    transforms that only scale (``scale_by``: clipping, ``scale``) are folded into the fused
-    pass's ``grad_scale``; a loss scale to undo is applied before any of them.
+    If the last transform has a fused update (:class:`FusedUpdate`), so has the chain: the
+    earlier transforms run, then the last one's fused pass. Earlier transforms that only scale
+    (``traits.scale``: clipping, ``scale``) are folded into the fused pass's ``grad_scale``; a
+    loss scale to undo is applied before any of them.
     """
-    if not transforms:
-        raise ValueError("chain() needs at least one transform")
-    for i, t in enumerate(transforms):
-        if not isinstance(t, GradientTransformation):
-            raise ValueError(f"chain: argument {i} is a {type(t).__name__}, not a GradientTransformation")
+    _check_transforms("chain", transforms)
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -157,76 +233,103 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new.append(s)
         return updates, tuple(new)
 
-    fused = None
-    last = transforms[-1]
-    if last.fused_apply is not None:
+    fused = _chain_fused(transforms[:-1], transforms[-1].traits.fused)
+    return GradientTransformation(init, update, Traits(fused=fused))
 
-        prefix = transforms[:-1]
-        foldable = all(t.scale_by is not None for t in prefix)
 
-        def fold(grads, grad_scale, info, device):
-            """The one factor the fused pass scales the gradients by: the loss scale to undo
-            times each leading transform's factor (no scaled copy of the gradients)."""
-            factor = 1.0 if grad_scale is None else grad_scale
-            for t in prefix:
-                factor = factor * t.scale_by(grads, factor, info)
-            if isinstance(factor, torch.Tensor):
-                return factor.to(device, torch.float32)
-            return torch.full((), float(factor), device=device)
+def _chain_fused(prefix: Sequence[GradientTransformation], last: FusedUpdate | None) -> FusedUpdate | None:
+    """The fused update of ``chain(*prefix, last)``, from the last transform's."""
+    if last is None:
+        return None
+    foldable = all(t.traits.scale is not None for t in prefix)
 
-        def unscaled(grads, grad_scale):
-            """Leading transforms that must see the gradients see them with the loss scale undone."""
-            return grads if grad_scale is None else {k: g * grad_scale.to(g.device, g.dtype) for k, g in grads.items()}
+    def fold(grads, grad_scale, info, device):
+        """The one factor the fused pass scales the gradients by: the loss scale to undo times
+        each leading transform's factor (no scaled copy of the gradients)."""
+        factor = 1.0 if grad_scale is None else grad_scale
+        for t in prefix:
+            factor = factor * t.traits.scale(grads, factor, info)
+        if isinstance(factor, torch.Tensor):
+            return factor.to(device, torch.float32)
+        return torch.full((), float(factor), device=device)
 
-        def fused(grads, state, master, **kw):
+    def unscaled(grads, grad_scale):
+        """Leading transforms that must see the gradients see them with the loss scale undone."""
+        return grads if grad_scale is None else {k: g * grad_scale.to(g.device, g.dtype) for k, g in grads.items()}
+
+    def apply(grads, state, master, **kw):
+        if foldable:
+            if prefix:
+                device = next(iter(master.values())).device
+                kw["grad_scale"] = fold(grads, kw.get("grad_scale"), kw.get("info"), device)
+            return (*state[:-1], last.apply(grads, state[-1], master, **kw))
+        # Stateless leading transforms (clipping, scaling) run where the gradients are, which
+        # saves moving them twice when the optimizer state lives on the host; the first
+        # transform with state moves them to it (kw["to_state"]).
+        grads, kw["grad_scale"] = unscaled(grads, kw.get("grad_scale")), None
+        to_state = kw.get("to_state")
+        new = []
+        for t, s in zip(prefix, state[:-1]):
+            if to_state is not None and _has_tensors(s):
+                grads, to_state = to_state(grads), None
+            grads, s = t.update(grads, s, master, info=kw.get("info"))
+            new.append(s)
+        new.append(last.apply(grads, state[-1], master, **kw))
+        return tuple(new)
+
+    def groupwise(state):
+        # The leading transforms as one whole-tree step where the gradients are, if none of them
+        # keeps tensors (those must run where their state lives).
+        inner = None if last.groupwise is None else last.groupwise(state[-1])
+        if inner is None or inner.prefix is not None or any(_has_tensors(s) for s in state[:-1]):
+            return None  # no per-group update, a nested prefix, or a leading state to keep
+
+        def run_prefix(grads, master, info, grad_scale):
+            """``(grads, new leading states, the grad_scale the update applies from here)``."""
             if foldable:
-                if prefix:
-                    device = next(iter(master.values())).device
-                    kw["grad_scale"] = fold(grads, kw.get("grad_scale"), kw.get("info"), device)
-                return (*state[:-1], last.fused_apply(grads, state[-1], master, **kw))
-            # Stateless leading transforms (clipping, scaling) run where the gradients are, which
-            # saves moving them twice when the optimizer state lives on the host; the first
-            # transform with state moves them to it (kw["to_state"]).
-            grads, kw["grad_scale"] = unscaled(grads, kw.get("grad_scale")), None
-            to_state = kw.get("to_state")
-            new = []
-            for t, s in zip(transforms[:-1], state[:-1]):
-                if to_state is not None and _has_tensors(s):
-                    grads, to_state = to_state(grads), None
-                grads, s = t.update(grads, s, master, info=kw.get("info"))
+                return grads, list(state[:-1]), fold(grads, grad_scale, info, next(iter(grads.values())).device)
+            grads, new = unscaled(grads, grad_scale), []
+            for t, s in zip(prefix, state[:-1]):
+                grads, s = t.update(grads, s, master, info=info)
                 new.append(s)
-            new.append(last.fused_apply(grads, state[-1], master, **kw))
-            return tuple(new)
+            return grads, new, None
 
-        def split(state):
-            # For an engine that applies the last transform group by group (the pipelined host
-            # update): the leading transforms as one whole-tree step where the gradients are, if
-            # none of them keeps tensors (those must run where their state lives).
-            inner = getattr(last.fused_apply, "split", None)
-            parts = None if inner is None else inner(state[-1])
-            if parts is None or parts[0] is not None or any(_has_tensors(s) for s in state[:-1]):
-                return None  # no per-group update, a nested prefix, or a leading state to keep
+        return Groupwise(run_prefix if prefix else None, inner.apply, inner.state,
+                         lambda new_prefix, new_last: (*(new_prefix or state[:-1]), inner.join(None, new_last)))
 
-            def run_prefix(grads, master, info, grad_scale):
-                """``(grads, new leading states, the grad_scale the update applies from here)``."""
-                if foldable:
-                    return grads, list(state[:-1]), fold(grads, grad_scale, info, next(iter(grads.values())).device)
-                grads, new = unscaled(grads, grad_scale), []
-                for t, s in zip(transforms[:-1], state[:-1]):
-                    grads, s = t.update(grads, s, master, info=info)
-                    new.append(s)
-                return grads, new, None
-
-            return run_prefix, last.fused_apply, state[-1], lambda new_prefix, new_last: (*new_prefix, new_last)
-
-        fused.split = split
-        fused.leafwise = foldable and getattr(last.fused_apply, "leafwise", False)
-
-    return GradientTransformation(init, update, fused)
+    return FusedUpdate(apply, groupwise, takes_leaves=foldable and last.takes_leaves)
 
 
 def _has_tensors(tree) -> bool:
     return any(isinstance(x, torch.Tensor) for x in optree.tree_leaves(tree, namespace="funzero"))
+
+
+def map_state(tx: GradientTransformation, to_inner: Callable[[Any], Any], from_inner: Callable[[Any], Any]) -> GradientTransformation:
+    """``tx`` with its state kept in another form: ``to_inner`` turns the outer state into
+    ``tx``'s, ``from_inner`` back. Every trait of ``tx`` carries over."""
+
+    def init(params):
+        return from_inner(tx.init(params))
+
+    def update(updates, state, params=None, **extra):
+        updates, s = tx.update(updates, to_inner(state), params, **extra)
+        return updates, from_inner(s)
+
+    fused = tx.traits.fused
+    if fused is not None:
+        inner_fused = fused
+
+        def apply(grads, state, master, **kw):
+            return from_inner(inner_fused.apply(grads, to_inner(state), master, **kw))
+
+        def groupwise(state):
+            gw = None if inner_fused.groupwise is None else inner_fused.groupwise(to_inner(state))
+            if gw is None:
+                return None
+            return gw._replace(join=lambda new_prefix, new_last: from_inner(gw.join(new_prefix, new_last)))
+
+        fused = FusedUpdate(apply, groupwise, inner_fused.takes_leaves)
+    return GradientTransformation(init, update, tx.traits._replace(fused=fused))
 
 
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -235,27 +338,9 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     if len(set(names)) != len(names):
         raise ValueError(f"named_chain: duplicate names in {names}")
     inner = chain(*(t for _, t in named))
-
-    def init(params):
-        return dict(zip(names, inner.init(params)))
-
-    def update(updates, state, params=None, **extra):
-        updates, s = inner.update(updates, tuple(state[n] for n in names), params, **extra)
-        return updates, dict(zip(names, s))
-
-    fused = None
-    if inner.fused_apply is not None:
-
-        def fused(grads, state, master, **kw):
-            return dict(zip(names, inner.fused_apply(grads, tuple(state[n] for n in names), master, **kw)))
-
-    return GradientTransformation(init, update, fused)
+    return map_state(inner, lambda state: tuple(state[n] for n in names), lambda s: dict(zip(names, s)))
 
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
     """``params + updates`` leaf by leaf, in the params' dtype (new tensors)."""
     return tree_map(lambda p, u: (p + u.to(p.dtype)) if u is not None else p, params, updates)
-
-
-def as_list(x: Sequence[Any] | Any) -> list[Any]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]

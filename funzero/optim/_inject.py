@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from funzero.optim._base import GradientTransformation
+from funzero.optim._base import FusedUpdate, GradientTransformation, Traits
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
 
@@ -69,15 +69,19 @@ def inject_hyperparams(
 
         probe = factory(**fixed, **{k: torch.zeros(()) for k in dynamic})
         fused = None
-        if probe.fused_apply is not None:
+        if probe.traits.fused is not None:
 
-            def fused(grads, state, master, **kw):
+            def apply(grads, state, master, **kw):
                 hp, inner = current(state)
-                inner_state = inner.fused_apply(grads, state.inner_state, master, **kw)
+                inner_state = inner.traits.fused.apply(grads, state.inner_state, master, **kw)
                 found_inf = kw.get("found_inf")
                 advance = 1 if found_inf is None else (found_inf == 0).to(torch.int32)
                 return InjectHyperparamsState(state.count + advance, hp, inner_state)
 
-        return GradientTransformation(init, update, fused)
+            # Not group by group (the hyperparameters are read from the state once per step) and
+            # not on LeafGrads: the inner transform is rebuilt from the state each step.
+            fused = FusedUpdate(apply)
+
+        return GradientTransformation(init, update, Traits(fused=fused))
 
     return wrapped

@@ -15,9 +15,12 @@ import torch
 
 from funzero.optim._base import (
     EmptyState,
+    FusedUpdate,
     GradientTransformation,
+    Groupwise,
     LeafGrads,
     ShardInfo,
+    Traits,
     chain,
     gradient_tensors,
     tree_map,
@@ -128,7 +131,7 @@ def scale(step_size: float) -> GradientTransformation:
     def update(updates, state, params=None, **_):
         return tree_map(lambda u: u * step_size, updates), state
 
-    return GradientTransformation(lambda p: EmptyState(), update, scale_by=lambda updates, prior, info=None: step_size)
+    return GradientTransformation(lambda p: EmptyState(), update, Traits(scale=lambda updates, prior, info=None: step_size))
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -307,7 +310,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         norm = global_norm(updates, info)
         return factor_of(norm * (prior.to(norm.device).abs() if isinstance(prior, torch.Tensor) else abs(prior)))
 
-    return GradientTransformation(lambda p: EmptyState(), update, scale_by=scale_by)
+    return GradientTransformation(lambda p: EmptyState(), update, Traits(scale=scale_by))
 
 
 # --- momentum and adaptive -------------------------------------------------------------------
@@ -477,10 +480,14 @@ def adamw(
 
     # Elementwise per buffer: an engine may call it group by group ({g: grad} at a time), with
     # the same incoming state each time; the moments update in place, the counts come back
-    # advanced (fused_apply({}, state, {}) returns the new state alone).
-    fused_apply.split = lambda state: (None, fused_apply, state, lambda _, new: new)
-    fused_apply.leafwise = True  # takes LeafGrads (the engine's one-rank gradients) as they are
-    return GradientTransformation(inner.init, inner.update, fused_apply)
+    # advanced (fused_apply({}, state, {}) returns the new state alone). It reads LeafGrads (the
+    # engine's one-rank gradients) as they are.
+    fused = FusedUpdate(
+        fused_apply,
+        groupwise=lambda state: Groupwise(None, fused_apply, state, lambda _, new: new),
+        takes_leaves=True,
+    )
+    return GradientTransformation(inner.init, inner.update, Traits(fused=fused))
 
 
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
