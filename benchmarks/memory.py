@@ -66,7 +66,7 @@ def _loss(apply, batch):
 def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
     """One configuration, in this process. Returns a JSON-able record."""
     import funzero as fz
-    from funzero._memory import estimate_memory, gpt_activations
+    from funzero import estimate_memory, gpt_activations
     from funzero.models import GPT, gpt_config
 
     device = torch.device("cuda", 0)
@@ -128,7 +128,7 @@ def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmu
 def predict(model_name: str, stage: int, batch: int, seq: int):
     """The estimate ``measure`` checks, without a GPU."""
     import funzero as fz
-    from funzero._memory import estimate_memory, gpt_activations
+    from funzero import estimate_memory, gpt_activations
     from funzero.models import GPT, gpt_config
     from shardspec import Mesh
 

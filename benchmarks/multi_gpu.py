@@ -49,7 +49,7 @@ import train_step as ts  # noqa: E402
 
 import funzero as fz  # noqa: E402
 from funzero.models import GPT, GPTConfig  # noqa: E402
-from funzero._memory import estimate_memory, gpt_activations  # noqa: E402
+from funzero import estimate_memory, gpt_activations  # noqa: E402
 from shardspec import Mesh  # noqa: E402
 
 

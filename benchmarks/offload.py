@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import train_step as ts  # noqa: E402
 
+import funzero as fz  # noqa: E402
 from funzero.models import GPTConfig  # noqa: E402
 
 
@@ -96,10 +97,8 @@ def run(system, cfg, batch, args, device, placement=None):
         losses.append(step(i))
     torch.cuda.synchronize()
     t_warm = time.perf_counter() - t0
-    from funzero._offload import _UPDATERS
-
     def worker_s(k: str) -> float:
-        return sum(u.stats[k] for u in list(_UPDATERS.values()))
+        return fz.testing.host_stats(step.box["state"])[k]
 
     before = {k: worker_s(k) for k in ("update_s", "forward_wait_s")}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -177,8 +177,7 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
         x, y = batch
         return apply(x, y)
 
-    step_fn = fz.train_step(model, loss_fn, tx, plan)
-    step_fn.engine.leaf_grads = leaf_grads
+    step_fn = fz.testing.set_leaf_grads(fz.train_step(model, loss_fn, tx, plan), leaf_grads)
     if compiled:
         step_fn = compiler(True)(step_fn)
     if graphed:
@@ -189,6 +188,7 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
         box["state"], metrics = step_fn(box["state"], data[i])
         return metrics["loss"]
 
+    step.box = box  # the live state, for benchmarks that read its host update's figures
     return step
 
 
@@ -203,7 +203,7 @@ def build(system: str, cfg, data, device, batch):
         return deepspeed_system(cfg, data, device, int(system[-1]), batch)
     if system.startswith("fz"):
         # fz<stage>-<eager|compile>[-offload|-cg|-flat][:<kernels joined by +, or none>]; -cg: fz.cuda_graph;
-        # -flat: an eager one-rank step packs the flat gradient (engine.leaf_grads off), for comparison
+        # -flat: an eager one-rank step packs the flat gradient (funzero.testing.set_leaf_grads off), for comparison
         name, _, kernels = system.partition(":")
         stage, mode = int(name[2]), name.split("-", 1)[1]
         if kernels:

@@ -6,30 +6,22 @@
     state, metrics = step(state, batch)
 """
 
-from funzero import optim
+from funzero import optim, testing
 from funzero._checkpoint import load_state, save_state
 from funzero._compile import compile
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
-from funzero._gather import track_gathered
+from funzero._activations import ActivationEstimate, gpt_activations
+from funzero._binding import Binding, param_count
+from funzero._counts import format_bytes, parse_count
 from funzero._graph import cuda_graph
-from funzero._offload import sync
-from funzero._memory import (
-    ActivationEstimate,
-    Candidate,
-    MemoryEstimate,
-    StageChoice,
-    choose_stage,
-    estimate_memory,
-    format_bytes,
-    gpt_activations,
-    layouts_for_num_params,
-    parse_count,
-)
-from funzero._plan import Binding, Plan, param_count, zero
+from funzero._group import track_gathered
+from funzero._memory import MemoryEstimate, estimate_memory, layouts_for_num_params
+from funzero._plan import STAGES, Plan, StateSpecs, zero
+from funzero._planner import Candidate, StageChoice, choose_stage
 from funzero._precision import LossScaleConfig, Precision, bf16, fp16, fp32
 from funzero._scaler import LossScaleState
-from funzero._state import TrainState, gather_params, init, state_nbytes
-from funzero._step import train_step
+from funzero._state import TrainState, gather_params, init, state_nbytes, sync
+from funzero._step import Step, train_step
 
 __all__ = [
     "ActivationEstimate",
@@ -49,6 +41,9 @@ __all__ = [
     "LossScaleState",
     "Plan",
     "Precision",
+    "STAGES",
+    "StateSpecs",
+    "Step",
     "TrainState",
     "all_gather",
     "all_reduce",
@@ -66,6 +61,7 @@ __all__ = [
     "save_state",
     "state_nbytes",
     "sync",
+    "testing",
     "track_gathered",
     "train_step",
     "zero",

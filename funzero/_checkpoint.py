@@ -84,9 +84,7 @@ def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2) 
     Returns:
         the path of the new step directory.
     """
-    from funzero._offload import sync
-
-    sync(state)  # a delayed host update still running would be saved half-done
+    state.binding.placement.sync()  # a delayed host update still running would be saved half-done
     n, rank, group = _world(plan)
     b = state.binding
     token = [uuid.uuid4().hex[:8] if rank == 0 else None]

@@ -1,4 +1,5 @@
-"""Explicit collectives on a mesh axis, and the autograd pairs that make ZeRO one program.
+"""Explicit collectives on a mesh axis (the group path's gather and reduce are built on these,
+``_group.py``).
 
 Built on ``torch.distributed._functional_collectives`` (traceable by ``torch.compile``; NCCL on
 GPUs, gloo on CPU). An axis of size 1 needs no communication: every collective is the identity
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,16 +40,23 @@ _reduce_scatter_single = getattr(fc, "reduce_scatter_single", None) or fc.reduce
 
 @dataclass
 class CommCounter:
-    """Logical elements and bytes moved per rank, and calls, by ``(op, tag)``."""
+    """Logical elements and bytes moved per rank, and calls, by ``(op, tag)``.
+
+    ``on_call(op, tag, tensor)``, when given, is also told of each call as it is issued, with the
+    tensor passed to the collective (its order among other events of a step is observable).
+    """
 
     elements: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
     calls: Counter = field(default_factory=Counter)
+    on_call: Callable[[str, str, torch.Tensor], None] | None = None
 
-    def record(self, op: str, tag: str, numel: int, itemsize: int) -> None:
+    def record(self, op: str, tag: str, numel: int, itemsize: int, tensor: torch.Tensor | None = None) -> None:
         self.elements[(op, tag)] += numel
         self.bytes[(op, tag)] += numel * itemsize
         self.calls[(op, tag)] += 1
+        if self.on_call is not None:
+            self.on_call(op, tag, tensor)
 
     def total(self, *, op: str | None = None, tag: str | None = None, what: str = "elements") -> int:
         """Sum over records matching ``op`` and ``tag`` (None matches all)."""
@@ -63,7 +71,7 @@ _COUNTERS: list[CommCounter] = []
 
 
 @contextlib.contextmanager
-def count_comm() -> Iterator[CommCounter]:
+def count_comm(on_call: Callable[[str, str, torch.Tensor], None] | None = None) -> Iterator[CommCounter]:
     """Record every collective issued inside the block by an eager step.
 
     A compiled step issues the same collectives but records nothing: counting inside the traced
@@ -74,7 +82,7 @@ def count_comm() -> Iterator[CommCounter]:
         ...     state, _ = step(state, batch)
         >>> c.total(tag="grad")      # elements reduced for gradients
     """
-    c = CommCounter()
+    c = CommCounter(on_call=on_call)
     _COUNTERS.append(c)
     try:
         yield c
@@ -82,11 +90,11 @@ def count_comm() -> Iterator[CommCounter]:
         _COUNTERS.remove(c)
 
 
-def _record(op: str, tag: str, numel: int, itemsize: int) -> None:
+def _record(op: str, tag: str, numel: int, itemsize: int, tensor: torch.Tensor) -> None:
     if torch.compiler.is_compiling():
         return
     for c in _COUNTERS:
-        c.record(op, tag, numel, itemsize)
+        c.record(op, tag, numel, itemsize, tensor)
 
 
 # torch 2.13 renamed these too; the old names warn there.
@@ -128,7 +136,7 @@ def all_gather(
             return out
         return shard
     n = mesh.size(axis)
-    _record("all_gather", tag, shard.numel() * n, shard.element_size())
+    _record("all_gather", tag, shard.numel() * n, shard.element_size(), shard)
     if _eager():
         if out is None:
             out = torch.empty(shard.numel() * n, dtype=shard.dtype, device=shard.device)
@@ -151,7 +159,7 @@ def reduce_scatter(
     n = mesh.size(axis)
     if full.numel() % n:
         raise ValueError(f"reduce_scatter of {full.numel()} elements over {n} ranks: not divisible")
-    _record("reduce_scatter", tag, full.numel(), full.element_size())
+    _record("reduce_scatter", tag, full.numel(), full.element_size(), full)
     if _eager():
         out = torch.empty(full.numel() // n, dtype=full.dtype, device=full.device)
         rop, divide = _op(op, group)
@@ -165,93 +173,10 @@ def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg"
     group = mesh.group(axis)
     if group is None:
         return x
-    _record("all_reduce", tag, 2 * x.numel(), x.element_size())
+    _record("all_reduce", tag, 2 * x.numel(), x.element_size(), x)
     if _eager():
         out = x.detach().clone().contiguous()
         rop, divide = _op(op, group)
         dist.all_reduce(out, op=rop, group=group)
         return out.div_(mesh.size(axis)) if divide else out
     return fc.wait_tensor(fc.all_reduce(x.contiguous(), op, group))
-
-
-# --- the autograd pairs ---------------------------------------------------------------------
-# Each takes a differentiable `anchor` (what the gradient is for: this rank's master or param
-# shard, or the full buffer in stage 0) and a non-differentiable `source` (what forward uses).
-# Forward produces the full compute buffer; backward is the transpose collective, run group by
-# group *during* backward, in `reduce_dtype`, returning a gradient shaped like the anchor.
-
-
-@dataclass(frozen=True)
-class CommSpec:
-    mesh: Mesh
-    axis: str
-    reduce_dtype: torch.dtype | None
-
-
-def _reduce_input(grad: torch.Tensor, spec: CommSpec) -> torch.Tensor:
-    return grad if spec.reduce_dtype is None else grad.to(spec.reduce_dtype)
-
-
-def reduce_grad(grad: torch.Tensor, spec: CommSpec, *, sharded: bool) -> torch.Tensor:
-    """A group's full gradient reduced over ``spec``'s axis in its reduce dtype: this rank's shard
-    (``sharded``: stages 2-3) or all of it (stage 0)."""
-    op = reduce_scatter if sharded else all_reduce
-    return op(_reduce_input(grad, spec), spec.mesh, spec.axis, tag="grad")
-
-
-class GatherShard(torch.autograd.Function):
-    """Stage 3: forward all-gathers ``source`` (this rank's shard); backward reduce-scatters.
-
-    ``run``/``group`` (optional) are told when the reduce is done, so a copy of the group that
-    was gathered again for backward can be dropped right then.
-    """
-
-    @staticmethod
-    def forward(anchor, source, spec: CommSpec, run=None, group=None):
-        return all_gather(source, spec.mesh, spec.axis, tag="param")
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.spec, ctx.run, ctx.group = inputs[2], inputs[3], inputs[4]
-        ctx.anchor_dtype = inputs[0].dtype
-
-    @staticmethod
-    def backward(ctx, grad):
-        g = reduce_grad(grad, ctx.spec, sharded=True)
-        if ctx.run is not None:
-            ctx.run.done(ctx.group)
-        return g.to(ctx.anchor_dtype), None, None, None, None
-
-
-class ScatterGrad(torch.autograd.Function):
-    """Stage 2: forward uses the full replica ``source``; backward reduce-scatters its gradient."""
-
-    @staticmethod
-    def forward(anchor, source, spec: CommSpec):
-        return source.view_as(source)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.spec = inputs[2]
-        ctx.anchor_dtype = inputs[0].dtype
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_grad(grad, ctx.spec, sharded=True).to(ctx.anchor_dtype), None, None
-
-
-class AllReduceGrad(torch.autograd.Function):
-    """Stage 0: forward uses the full ``source``; backward all-reduces its gradient."""
-
-    @staticmethod
-    def forward(anchor, source, spec: CommSpec):
-        return source.view_as(source)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.spec = inputs[2]
-        ctx.anchor_dtype = inputs[0].dtype
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_grad(grad, ctx.spec, sharded=False).to(ctx.anchor_dtype), None, None

@@ -1,36 +1,29 @@
-"""The memory model: per-rank bytes of a ZeRO run, computed from the engine's own layouts.
+"""The memory model: per-rank bytes of a ZeRO run, computed by the engine's own code.
 
 Design note (what keeps these numbers honest):
 
-* **One source of truth.** Sizes come from the same objects the engine allocates from: a real
-  model is bound with :func:`funzero._plan.bind` (its groups, ties, leaf alignment and shard
-  padding), and the optimizer state is obtained by calling the transform's own ``init`` on meta
-  tensors shaped like the buffers :func:`funzero.init` would hand it. Only when nothing but a
-  parameter count Ψ is known are the layouts synthesised, with
-  ``shardspec.FlatLayout.from_shapes`` and the plan's alignment defaults. ``tests/test_memory.py``
-  holds the estimate to the byte against ``funzero.state_nbytes`` of real states on real gloo
-  groups, so the mirror of ``init`` below cannot drift unnoticed.
+* **It runs the engine, it does not mirror it.** The state is built by ``_state.build_state``,
+  the function ``init`` uses, on meta tensors: the same layouts (``_binding.bind``, or layouts
+  synthesised from a parameter count), the same specs, the optimizer's own ``init``. Each leaf
+  is counted in the memory tier of the placement kind that would hold it. The gradient a group
+  holds after backward comes from the group path's own rule (``_group.gradient_like``).
+  ``tests/test_memory.py`` holds the estimate to the byte against ``funzero.state_nbytes`` of
+  real states on real gloo groups.
 * **Two accountings.** ``MemoryEstimate.state`` is what ``TrainState`` holds per rank (what
   ``state_nbytes`` reports). ``MemoryEstimate.model_states`` is the ZeRO paper's accounting
   (Rajbhandari et al. 2020, sec. 3.1 and 5): parameters and gradients in the parameter dtype plus
-  K bytes per element of optimizer state, each sharded as the stage says; 2Ψ + 2Ψ + 12Ψ for
+  K bytes per element of optimizer state, each held as the specs say; 2Ψ + 2Ψ + 12Ψ for
   mixed-precision Adam. Gradients are not part of ``TrainState``: the step makes them and drops
-  them. ``MemoryEstimate.grads`` says what the engine itself holds at the end of backward, in the
-  dtype it really uses (see ``_step._Engine.anchors``), which is not always the paper's.
-* **Transients are estimates.** Stage-3 gathered groups, the gradient of the group being reduced
-  and activations depend on the schedule, not only on shapes; their formulas are documented where
-  they are computed and checked on a GPU by ``benchmarks/memory.py``.
-* **Offload follows the engine** (``_placement.py``, ``_step.apply_update``): where each state
-  leaf lives is tested against real placed states (NVMe files on the CPU); the host-side
-  transients of an offloaded update are read from the code and estimated.
+  them. ``MemoryEstimate.grads`` says what the engine itself holds at the end of backward.
+* **Transients are estimates.** Gathered groups, the gradient of the group being reduced,
+  host staging and activations depend on the schedule, not only on shapes; their formulas are
+  documented where they are computed and checked on a GPU by ``benchmarks/memory.py``.
 
-Units: bytes everywhere; the printing helpers use GB = 1e9 bytes, the ZeRO paper's unit.
+Units: bytes everywhere; the printing helpers (``_counts.py``) use GB = 1e9 bytes.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,101 +32,17 @@ import optree
 import torch
 from torch import nn
 
-from funzero._plan import Binding, Plan, bind, zero
+from funzero._activations import ActivationEstimate
+from funzero._binding import Binding, bind, from_layouts
+from funzero._counts import format_bytes, parse_count
+from funzero._group import GroupComm, gradient_like, group_modes
+from funzero._placement import Placement, group_of_path, parse_placement
+from funzero._plan import STAGES, Plan, zero
+from funzero._state import build_state
 from funzero._precision import Precision, bf16, fp16, fp32
-from shardspec import FlatLayout, Mesh
+from shardspec import FlatLayout, Mesh, held_numel
 
-__all__ = [
-    "ActivationEstimate",
-    "Candidate",
-    "MemoryEstimate",
-    "StageChoice",
-    "choose_stage",
-    "estimate_memory",
-    "format_bytes",
-    "gpt_activations",
-    "layouts_for_num_params",
-    "parse_count",
-]
-
-GB = 10**9
-
-# Where a state leaf can live, as the memory model names it (and the spellings accepted for each).
-_WHERE = {
-    "gpu": "gpu", "cuda": "gpu", "device": "gpu",
-    "cpu": "cpu",
-    "nvme": "nvme",
-}
-_OFFLOAD_KEYS = ("params", "opt_state")
-
-# The ZeRO stages as "offload labels" the planner walks, fastest first (see choose_stage).
-OFFLOADS: dict[str, dict[str, str]] = {
-    "none": {"params": "gpu", "opt_state": "gpu"},
-    "cpu": {"params": "gpu", "opt_state": "cpu"},
-    "cpu+params": {"params": "cpu", "opt_state": "cpu"},
-    "nvme": {"params": "gpu", "opt_state": "nvme"},
-    "nvme+params": {"params": "nvme", "opt_state": "nvme"},
-}
-
-
-# --- parsing and printing ---------------------------------------------------------------------
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_COUNT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
-
-
-def parse_count(text: str | int | float) -> int:
-    """A parameter count written the way people say it: ``70B``, ``1.5B``, ``350M``, ``7e9``.
-
-    Suffixes are decimal: K = 1e3, M = 1e6, B (or G) = 1e9, T = 1e12, case-insensitive.
-
-    Args:
-        text: the count, or an int (returned as it is when positive).
-
-    Returns:
-        The count as an int (rounded to the nearest element).
-
-    Raises:
-        ValueError: naming ``text`` when it is not a positive count.
-
-    Example:
-        >>> parse_count("1.5B")
-        1500000000
-    """
-    if isinstance(text, bool):
-        raise ValueError(f"cannot parse {text!r} as a parameter count")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        m = _COUNT_RE.match(str(text))
-        if m is None:
-            raise ValueError(
-                f"cannot parse {text!r} as a parameter count; write it like 70B, 1.5B, 350M or 7e9"
-            )
-        value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if not math.isfinite(value) or round(value) < 1:
-        raise ValueError(f"a parameter count must be a positive number, got {text!r}")
-    return int(round(value))
-
-
-def format_bytes(n: float, *, unit: str = "GB", digits: int = 2) -> str:
-    """``n`` bytes as text in decimal units (``GB`` = 1e9 bytes, the ZeRO paper's unit).
-
-    Args:
-        n: bytes.
-        unit: ``B``, ``KB``, ``MB``, ``GB`` or ``TB`` (powers of 1000).
-        digits: decimals to print.
-
-    Returns:
-        e.g. ``"31.41 GB"``.
-
-    Example:
-        >>> format_bytes(31.40625e9)
-        '31.41 GB'
-    """
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    if unit not in scale:
-        raise ValueError(f"unit must be one of {sorted(scale)}, got {unit=}")
-    return f"{n / scale[unit]:,.{digits}f} {unit}"
+__all__ = ["MemoryEstimate", "estimate_memory", "layouts_for_num_params"]
 
 
 # --- layouts ----------------------------------------------------------------------------------
@@ -213,6 +122,7 @@ def layouts_for_num_params(
     return out
 
 
+
 # --- precision and optimizer ------------------------------------------------------------------
 def _precision(p: Precision | str | None) -> Precision:
     if p is None:
@@ -243,88 +153,8 @@ def _optimizer(tx: Any):
     raise ValueError(f"optimizer must be a GradientTransformation or one of {sorted(named)}, got {tx!r}")
 
 
-def _normalise_placement(
-    placement: Mapping | None, stage: int, layouts: Mapping[str, FlatLayout] | None = None
-) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """``(where, shares)``: each part's place (``gpu``, ``cpu``, ``nvme``, or ``mixed`` under
-    leaf-path rules) and the share of its elements in each place (by group shard sizes)."""
-    out = {"params": "gpu", "opt_state": "gpu"}
-    shares: dict[str, dict[str, float]] = {k: {"gpu": 1.0} for k in _OFFLOAD_KEYS}
-    for key, where in dict(placement or {}).items():
-        if key not in _OFFLOAD_KEYS:
-            raise ValueError(f"placement key {key!r} is not one of {_OFFLOAD_KEYS}")
-        if isinstance(where, str):
-            per_group = None
-            targets = [where]
-        else:  # leaf-path rules: resolved against the groups (a model or binding is needed)
-            if not layouts or not any(lay.paths for lay in layouts.values()):
-                raise ValueError(
-                    f"placement[{key!r}] is a list of leaf-path rules: estimate it for a model or a "
-                    "state's binding, not a bare parameter count"
-                )
-            from funzero._placement import _resolve_groups
-
-            per_group = _resolve_groups(key, where, layouts)
-            targets = sorted(set(per_group.values()))
-        kinds = {}
-        for w in targets:
-            kind = str(w).split(":", 1)[0].lower()
-            if kind not in _WHERE:
-                raise ValueError(f"placement[{key!r}] = {w!r}: expected gpu (cuda), cpu or nvme[:<dir>]")
-            kinds[w] = _WHERE[kind]
-        if per_group is None:
-            out[key] = kinds[where]
-            shares[key] = {kinds[where]: 1.0}
-        else:
-            total = sum(lay.shard_numel for lay in layouts.values())
-            sh: dict[str, float] = {}
-            for g, w in per_group.items():
-                sh[kinds[w]] = sh.get(kinds[w], 0.0) + layouts[g].shard_numel / total
-            shares[key] = sh
-            out[key] = next(iter(sh)) if len(sh) == 1 else "mixed"
-    if out["params"] != "gpu" and stage != 3:
-        raise ValueError(
-            f"placement params={out['params']!r} needs stage 3 (got stage {stage}): stages 0-2 keep "
-            "the full parameters on every GPU for forward and backward"
-        )
-    if out["opt_state"] != "gpu" and stage == 0:
-        raise ValueError(
-            f"placement opt_state={out['opt_state']!r} needs stage >= 1: offloading the optimizer "
-            "streams each rank's optimizer shard, and stage 0 has none"
-        )
-    return out, shares
-
 
 # --- the estimate -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ActivationEstimate:
-    """Bytes a GPT keeps for backward, per rank (see :func:`gpt_activations`).
-
-    Attributes:
-        batch / seq / num_layers: the shape it is for (batch per rank).
-        checkpoint: whether blocks are recomputed in backward (activation checkpointing).
-        per_layer: bytes one block keeps without checkpointing.
-        layers: bytes all blocks keep at the end of forward.
-        head: bytes the embeddings, final norm, logits and loss keep.
-        backward: the largest transient on top of those early in backward (the logits'
-            gradient, or one block's recomputation and its gradients).
-        peak: ``layers + head + backward``.
-        korthikanti: Korthikanti et al.'s ``sbh(34 + 5as/h)`` per layer times the layers (or
-            ``2sbh`` per layer with full recomputation), for comparison only.
-    """
-
-    batch: int
-    seq: int
-    num_layers: int
-    checkpoint: bool
-    per_layer: int
-    layers: int
-    head: int
-    backward: int
-    peak: int
-    korthikanti: int
-
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Per-rank bytes of one ZeRO configuration.
@@ -374,8 +204,12 @@ class MemoryEstimate:
     @property
     def offload(self) -> str:
         """The placement as a planner label: ``none``, ``cpu``, ``cpu+params``, ``nvme``, ..."""
+        from funzero._placement import parse_where
+        from funzero._planner import OFFLOADS
+
         for label, p in OFFLOADS.items():
-            if dict(self.placement) == p:
+            tiers = {k: parse_where(w, key=k, training=False)[0].tier for k, w in p.items()}
+            if dict(self.placement) == tiers:
                 return label
         return ",".join(f"{k}={v}" for k, v in self.placement.items())
 
@@ -398,108 +232,123 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _meta(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(numel, dtype=dtype, device="meta")
 
 
-def _nbytes(tree: Any) -> int:
-    """Bytes of the tensor leaves of a state tree (scalars included, as ``state_nbytes``)."""
-    return sum(
-        t.numel() * t.element_size()
-        for t in optree.tree_leaves(tree, namespace="funzero")
-        if isinstance(t, torch.Tensor)
-    )
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
-def _train_state_bytes(layouts: Mapping[str, FlatLayout], stage: int, precision: Precision, tx) -> dict[str, int]:
-    """What ``funzero.init`` allocates on one rank, built on the meta device.
+def _tensors_with_paths(tree) -> list[tuple[tuple, torch.Tensor]]:
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace="funzero")
+    return [(p, t) for p, t in zip(paths, leaves) if isinstance(t, torch.Tensor)]
 
-    Mirrors ``_state.init`` step by step; ``tests/test_memory.py`` compares the result with
-    ``state_nbytes`` of real states, so a change there that is not made here fails a test.
-    """
-    params, master = {}, {}
-    for g, lay in layouts.items():
-        params[g] = _meta(lay.shard_numel if stage == 3 else lay.padded, precision.param_dtype)
-        if precision.has_master:
-            master[g] = _meta(lay.padded if stage == 0 else lay.shard_numel, precision.master_dtype)
-    if precision.has_master:
-        target = master
-    elif stage in (0, 3):
-        target = params
-    else:  # stages 1-2 in one dtype: the optimizer sees this rank's slice of the full params
-        target = {g: _meta(layouts[g].shard_numel, precision.param_dtype) for g in layouts}
-    acc = tx.traits.accumulate
-    if acc is not None:
-        opt_state = acc.init(target, grad_like=params if stage == 1 else target)
-        # Only the inner state is placed; the accumulator and its counter stay on the device.
-        device_part = _nbytes(opt_state) - _nbytes(acc.inner_state(opt_state))
-        placed = acc.inner_state(opt_state)
-    else:
-        opt_state = tx.init(target)
-        device_part = 0
-        placed = opt_state
-    # 0-d leaves (step counts) of placed state stay in memory, never in a file.
-    scalars = sum(
-        t.element_size() for t in optree.tree_leaves(placed, namespace="funzero")
-        if isinstance(t, torch.Tensor) and t.dim() == 0
-    )
-    scaler = 0
-    if precision.loss_scaling is not None:
-        from funzero._scaler import init_scaler
 
-        scaler = _nbytes(init_scaler(precision.loss_scaling, "meta"))
-    out = {
-        "params": _nbytes(params),
-        "master": _nbytes(master),
-        "opt_state": _nbytes(opt_state),
-        "scaler": scaler,
-        "step": 8,  # () int64
-    }
+def _state_bytes(state) -> dict[str, int]:
+    """``state_nbytes`` of a state built on meta tensors (no two of its leaves share memory)."""
+    out = {part: sum(_nbytes(t) for _, t in _tensors_with_paths(getattr(state, part)))
+           for part in ("params", "master", "opt_state", "scaler", "step")}
     out["total"] = sum(out.values())
-    return out, device_part, scalars
+    return out
 
 
-def _held_grads(layouts: Mapping[str, FlatLayout], stage: int, n: int, precision: Precision) -> int:
-    """Gradient bytes at the end of backward.
+def _tiers(state, b: Binding, tx) -> dict[str, int]:
+    """``{tier: bytes}`` of the state, each leaf where its placement kind holds it: a group's
+    leaves by their kind, 0-d leaves of a part in host memory when any group of it is
+    offloaded, the gradient accumulator (``optim.multi_steps``) and the rest on the device."""
+    pl = b.placement
+    out = {"gpu": 0, "cpu": 0, "nvme": 0}
 
-    From ``_step._Engine.anchors``: where forward computes with the buffer it differentiates (one
-    rank, or stage 1) the gradient is that buffer's, full and in the parameter dtype. Otherwise
-    the anchor is a zero-stride view (no memory of its own) and the gradient arrives from the
-    collective in the master dtype when there is a master and more than one rank: full in stage
-    0, this rank's shard in stages 2-3. (An eager one-rank step streaming host-placed groups
-    differentiates each leaf instead: it holds these bytes less the padding.)
-    """
-    comm = n > 1 and stage != 1
-    dtype = precision.master_dtype if (precision.has_master and comm) else precision.param_dtype
-    numel = sum(lay.padded if stage < 2 else lay.shard_numel for lay in layouts.values())
-    return numel * torch.empty((), dtype=dtype).element_size()
+    def add(key, path, t, g=None):
+        g = g if g is not None else group_of_path(path, b.layouts)
+        if t.dim() == 0 or g is None:
+            out["cpu" if pl.offloaded(key) else "gpu"] += _nbytes(t)
+        else:
+            out[pl.kind_of(key, g).tier] += _nbytes(t)
+
+    for g, t in state.params.items():
+        add("params", (), t, g)
+    for g, t in (state.master or {}).items():
+        add("opt_state", (), t, g)
+    acc = tx.traits.accumulate
+    placed = acc.inner_state(state.opt_state) if acc is not None else state.opt_state
+    for path, t in _tensors_with_paths(placed):
+        add("opt_state", path, t)
+    rest = _state_bytes(state)
+    out["gpu"] += rest["opt_state"] - sum(_nbytes(t) for _, t in _tensors_with_paths(placed))
+    out["gpu"] += rest["scaler"] + rest["step"]
+    return out
 
 
-def _reduce_transient(
-    layouts: Mapping[str, FlatLayout], stage: int, n: int, precision: Precision, gathered: bool
-) -> int:
+def _reduce_transient(b: Binding, comm: GroupComm, gathered: bool) -> int:
     """Bytes alive for a moment while one group's gradient is formed and reduced (the worst group).
 
     Backward makes each group's flat gradient by concatenating its leaves' gradients (the leaves'
     and the flat one coexist: 2 x the group in the parameter dtype). With communication the flat
     gradient is cast to ``reduce_dtype`` before the collective (one more copy when the dtypes
-    differ); the collective's output is the held gradient, counted in ``grads``. Stage 1 reduces
-    after backward, over every group, while the full local gradients are still alive: its casts
-    and the shards it produces come on top. Stage 3 with parameters on the host reduces through
-    the same path at one rank (an identity collective, but the casts happen).
+    differ); the collective's output is the held gradient, counted in ``grads``. Where the specs
+    leave the reduce to the step, it runs over every group while the full local gradients are
+    still alive: its casts and the shards it produces come on top. Gathering from the host at
+    one rank reduces through the same path (an identity collective, but the casts happen).
     """
+    precision, n = b.precision, b.num_shards
     pb = torch.empty((), dtype=precision.param_dtype).element_size()
     rd = precision.reduce_dtype or precision.param_dtype
     rb = torch.empty((), dtype=rd).element_size()
     cast = rd != precision.param_dtype
-    biggest = max(lay.padded for lay in layouts.values())
+    biggest = max(lay.padded for lay in b.layouts.values())
     concat = 2 * biggest * pb
     if n == 1 and not gathered:
         return concat
-    if stage == 1:
-        shards = sum(lay.shard_numel for lay in layouts.values()) * rb
+    if b.specs.reduce == "step":
+        shards = sum(b.specs.held("grads", lay) for lay in b.layouts.values()) * rb
         return max(concat, shards + (biggest * rb if cast else 0))
     return max(concat, biggest * pb + (biggest * rb if cast else 0))
+
+
+def _binding_for(model, plan: Plan, precision: Precision, placement, num_groups) -> Binding:
+    """The binding the engine would make of ``model`` (module or parameter count) under ``plan``."""
+    if isinstance(model, nn.Module):
+        b = bind(model, plan, precision, training=False)
+    else:
+        layouts = layouts_for_num_params(parse_count(model), num_shards=plan.num_shards, num_groups=num_groups,
+                                         dtype=precision.param_dtype, shard_align=plan.shard_align)
+        b = from_layouts(plan, layouts, precision, training=False)
+    return _with_placement(b, placement)
+
+
+def _with_placement(b: Binding, placement) -> Binding:
+    """``b`` with another placement (estimated, not made: no NVMe directory is touched)."""
+    for key, where in dict(placement or {}).items():
+        if not isinstance(where, str) and not any(lay.paths for lay in b.layouts.values()):
+            raise ValueError(
+                f"placement[{key!r}] is a list of leaf-path rules: estimate it for a model or a "
+                "state's binding, not a bare parameter count"
+            )
+    rules = parse_placement(placement, b.specs, stage=b.stage, training=False)
+    pl = Placement(rules, b.placement.compute, rank=b.rank, layouts=b.layouts, training=False)
+    return Binding(b.paths, b.aliases, b.layouts, b.owners, b.num_shards, b.rank, b.precision, b.specs, b.stage, pl)
+
+def _planned(model, stage, num_shards, plan, precision, placement, groups, rest, num_groups, leaf_align,
+             shard_align) -> Binding:
+    """The binding :func:`estimate_memory` counts, from its arguments (a plan's values win)."""
+    if plan is not None:
+        if stage is not None and stage != plan.stage:
+            raise ValueError(f"stage={stage} contradicts the plan's stage {plan.stage}")
+        if num_shards is not None and num_shards != plan.num_shards:
+            raise ValueError(f"num_shards={num_shards} contradicts the plan's {plan.num_shards} shards")
+        stage, num_shards = plan.stage, plan.num_shards
+        groups, rest, leaf_align, shard_align = plan.groups, plan.rest, plan.leaf_align, plan.shard_align
+        if placement is None:
+            placement = dict(plan.placement)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in STAGES:
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage=}")
+    if num_shards is None:
+        num_shards = 1
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards=}")
+    planning = zero(stage, mesh=_PlanningMesh("dp", num_shards), groups=groups, rest=rest,
+                    leaf_align=leaf_align, shard_align=shard_align)
+    return _binding_for(model, planning, precision, placement, num_groups)
 
 
 def estimate_memory(
@@ -533,14 +382,16 @@ def estimate_memory(
             ``"bf16"``, ``"fp16"``, ``"fp32"``.
         tx: the optimizer (its own ``init`` sizes the state) or a name: ``adamw``, ``adam``,
             ``lamb``, ``lion``, ``sgd``, ``sgd-momentum``.
-        placement: ``{"params": "gpu"|"cpu"|"nvme", "opt_state": ...}``; ``opt_state`` includes
-            the fp32 master. Params offload needs stage 3, optimizer offload stage >= 1.
+        placement: as for :func:`funzero.zero` (``"device"``, ``"cpu"``, ``"nvme[:<dir>]"``, or
+            leaf-path rules for a model); ``opt_state`` includes the fp32 master. Params offload
+            needs stage 3, optimizer offload stage >= 1. The estimate reports each part's memory
+            tier (``gpu``, ``cpu``, ``nvme``).
         groups / rest / leaf_align / shard_align: as in :func:`funzero.zero` (modules only).
         num_groups: for a bare Ψ: how many equal groups to assume (default: a GPT-like guess).
         prefetch: stage 3: groups gathered ahead of the one computing (the engine today: 1, the
             root's group plus the current block).
         compiled: stage 3 under ``torch.compile``: the compiler keeps gathered groups until
-            backward, so every group is gathered at once (see ``_gather.py``).
+            backward, so every group is gathered at once (see ``_group.py``).
         activations: an :class:`ActivationEstimate` (e.g. from :func:`gpt_activations`) to add.
 
     Returns:
@@ -556,6 +407,8 @@ def estimate_memory(
     """
     precision_given = precision is not None
     precision = _precision(precision)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0, got {prefetch=}")
     if isinstance(model, Binding):
         b = model
         if stage is not None and stage != b.stage:
@@ -564,112 +417,75 @@ def estimate_memory(
             raise ValueError(f"num_shards={num_shards} contradicts the binding's {b.num_shards} shards")
         if precision_given and precision != b.precision:
             raise ValueError(f"precision {precision} contradicts the binding's {b.precision}")
-        stage, num_shards, precision, layouts = b.stage, b.num_shards, b.precision, dict(b.layouts)
-        num_params = sum(lay.numel for lay in layouts.values())
-        if placement is None and getattr(b, "placement", None) is not None:
-            placement = {"params": b.placement.params, "opt_state": b.placement.opt_state}
+        if placement is not None:
+            b = _with_placement(b, placement)
     else:
-        if plan is not None:
-            if stage is not None and stage != plan.stage:
-                raise ValueError(f"stage={stage} contradicts the plan's stage {plan.stage}")
-            if num_shards is not None and num_shards != plan.num_shards:
-                raise ValueError(f"num_shards={num_shards} contradicts the plan's {plan.num_shards} shards")
-            stage, num_shards = plan.stage, plan.num_shards
-            groups, rest, leaf_align, shard_align = plan.groups, plan.rest, plan.leaf_align, plan.shard_align
-            if placement is None:
-                placement = {k: v for k, v in plan.placement.items()}
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage=}")
-        if num_shards is None:
-            num_shards = 1
-        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-            raise ValueError(f"num_shards must be a positive int, got {num_shards=}")
-        if isinstance(model, nn.Module):
-            planning = zero(
-                stage, mesh=_PlanningMesh("dp", num_shards), groups=groups, rest=rest,
-                leaf_align=leaf_align, shard_align=shard_align,
-            )
-            layouts = dict(bind(model, planning, precision).layouts)
-            num_params = sum(lay.numel for lay in layouts.values())
-        else:
-            num_params = parse_count(model)
-            layouts = layouts_for_num_params(
-                num_params, num_shards=num_shards, num_groups=num_groups,
-                dtype=precision.param_dtype, shard_align=shard_align,
-            )
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"prefetch must be an int >= 0, got {prefetch=}")
-    where, shares = _normalise_placement(placement, stage, layouts)
+        b = _planned(model, stage, num_shards, plan, precision, placement, groups, rest, num_groups,
+                     leaf_align, shard_align)
     tx = _optimizer(tx)
-    n = num_shards
+    return _estimate(b, tx, prefetch=prefetch, compiled=compiled, activations=activations)
 
-    state, acc_bytes, opt_scalars = _train_state_bytes(layouts, stage, precision, tx)
-    grads = _held_grads(layouts, stage, n, precision)
-    sizes = tuple(sorted((lay.padded for lay in layouts.values()), reverse=True))
-    shards = tuple(sorted((lay.shard_numel for lay in layouts.values()), reverse=True))
+
+def _estimate(b: Binding, tx, *, prefetch: int, compiled: bool, activations: ActivationEstimate | None) -> MemoryEstimate:
+    precision, specs, pl, n = b.precision, b.specs, b.placement, b.num_shards
+    state = _state_bytes(built := build_state(b, tx, None, "meta", place=False))
+    tiers = _tiers(built, b, tx)
+    del built
+    comm = GroupComm(_PlanningMesh(specs.axis, n), specs, precision.reduce_dtype, torch.device("meta"))
+    modes = group_modes(comm, pl, b.layouts)
+    grads = 0
+    for g, lay in b.layouts.items():
+        numel, dt = gradient_like(comm, lay, modes[g], precision.param_dtype)
+        grads += numel * dt.itemsize
+    lays = list(b.layouts.values())
+    sizes = tuple(sorted((lay.padded for lay in lays), reverse=True))
+    shards = tuple(sorted((lay.shard_numel for lay in lays), reverse=True))
     padded = sum(sizes)
-    pb = torch.empty((), dtype=precision.param_dtype).element_size()
+    pb = precision.param_dtype.itemsize
 
-    # The paper's accounting on the engine's layouts: gradients in the parameter dtype.
-    param_elems = sum(shards) if stage == 3 else padded
-    paper_grad_elems = padded if stage < 2 else sum(shards)
-    optimizer = state["master"] + state["opt_state"]
-    model_states = {"params": param_elems * pb, "grads": paper_grad_elems * pb, "optimizer": optimizer}
+    # The paper's accounting on the engine's layouts: gradients in the parameter dtype, held
+    # whole where the reduce waits for the optimizer step.
+    param_elems = sum(specs.held("params", lay) for lay in lays)
+    paper_grad_elems = sum(specs.held("grads", lay) for lay in lays) if specs.reduce == "backward" else padded
+    model_states = {"params": param_elems * pb, "grads": paper_grad_elems * pb,
+                    "optimizer": state["master"] + state["opt_state"]}
     model_states["total"] = sum(model_states.values())
 
-    # Stage 3 gathers just in time when there is something to gather: shards on other ranks, or
-    # shards on the host (_step._Engine.prepare_binding).
-    gathered = stage == 3 and (n > 1 or where["params"] != "gpu")
-    gather = 0
-    if gathered:
-        live = sizes if compiled else sizes[: 1 + prefetch]
-        gather = sum(live) * pb
-    reduce = _reduce_transient(layouts, stage, n, precision, gathered)
+    gathered = comm.gathers(pl.offloaded("params"))
+    gather = sum(sizes if compiled else sizes[: 1 + prefetch]) * pb if gathered else 0
+    reduce = _reduce_transient(b, comm, gathered)
 
-    # Where each part lives, as _state.init and _step.apply_update place it (_placement.py).
-    # Gradients are made on the device and stay there until the update; with the optimizer state
-    # on the host, the update first copies them all to it. An update of host state with the
-    # params on the device writes the new params into a pinned staging copy first. NVMe leaves
-    # are updated in copies renamed over the originals, so a step needs twice their bytes on disk.
-    # Under leaf-path rules each place holds its share of the elements (``shares``); 0-d leaves
-    # (counts) are in host memory when any group is.
-    gpu = state["scaler"] + state["step"]
-    cpu = nvme = 0
+    # Offload transients. A host parameter shard travels to the device before its gather. With
+    # optimizer state on the host the update copies the reduced gradients there, and writes the
+    # new parameters (where they live on the device) into a pinned staging copy first; each in
+    # the share of the groups the host updates.
     staging = {"gpu": 0, "cpu": 0}
-    placed = {"params": state["params"], "opt_state": state["master"] + state["opt_state"] - acc_bytes}
-    gpu += acc_bytes
-    for key, nbytes in placed.items():
-        sh = shares[key]
-        scalars = opt_scalars if key == "opt_state" else 0
-        if sh.get("gpu", 0.0) < 1.0:
-            cpu += scalars
-        else:
-            gpu += scalars
-        body = nbytes - scalars
-        gpu += round(body * sh.get("gpu", 0.0))
-        cpu += round(body * sh.get("cpu", 0.0))
-        nvme += 2 * round(body * sh.get("nvme", 0.0))
-    if where["params"] != "gpu":
-        staging["gpu"] += shards[0] * pb  # a shard copied host -> device, then gathered
-    host_opt = 1.0 - shares["opt_state"].get("gpu", 0.0)
+    if pl.offloaded("params"):
+        staging["gpu"] += shards[0] * pb
+    opt_elems = {g: specs.held("opt_state", lay) for g, lay in b.layouts.items()}
+    host_opt = sum(v for g, v in opt_elems.items() if pl.offloaded("opt_state", g)) / sum(opt_elems.values())
     if host_opt > 0:
-        if stage == 1:  # reduced (to shards, in reduce_dtype) after backward, then copied
+        if specs.reduce == "step" and n > 1:  # reduced to shards, in reduce_dtype, after backward
             rd = precision.reduce_dtype or precision.param_dtype
-            staging["cpu"] += round(sum(shards) * torch.empty((), dtype=rd).element_size() * host_opt)
+            reduced = sum(specs.held("grads", lay) for lay in lays) * rd.itemsize
         else:
-            staging["cpu"] += round(grads * host_opt)
+            reduced = grads
+        staging["cpu"] += round(reduced * host_opt)
         if precision.has_master:
-            staging["cpu"] += round(sum(shards) * pb * host_opt * shares["params"].get("gpu", 0.0))
-    cpu += staging["cpu"]
-    gpu_state = gpu
+            params_gpu = pl.shares("params", b.layouts).get("gpu", 0.0)
+            staging["cpu"] += round(sum(shards) * pb * host_opt * params_gpu)
     act = activations.peak if activations is not None else 0
-    gpu_peak = gpu + gather + staging["gpu"] + max(act, grads + reduce)
+    gpu_state = tiers["gpu"]
+    where = {}
+    for key in ("params", "opt_state"):
+        found = {pl.kind_of(key, g).tier for g in b.layouts}
+        where[key] = found.pop() if len(found) == 1 else "mixed"
     return MemoryEstimate(
-        stage=stage,
+        stage=b.stage,
         num_shards=n,
         precision=precision,
         placement=where,
-        num_params=num_params,
+        num_params=sum(lay.numel for lay in lays),
         padded=padded,
         group_sizes=sizes,
         state=state,
@@ -680,229 +496,7 @@ def estimate_memory(
         staging=staging,
         activations=activations,
         gpu_state=gpu_state,
-        gpu=gpu_peak,
-        cpu=cpu,
-        nvme=nvme,
+        gpu=gpu_state + gather + staging["gpu"] + max(act, grads + reduce),
+        cpu=tiers["cpu"] + staging["cpu"],
+        nvme=2 * tiers["nvme"],
     )
-
-
-# --- activations ------------------------------------------------------------------------------
-def gpt_activations(
-    cfg: Any,
-    *,
-    batch: int,
-    seq: int | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    checkpoint: bool = False,
-) -> ActivationEstimate:
-    """Bytes ``funzero.models.GPT`` keeps for backward on one rank.
-
-    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
-    arXiv 2205.05198, sec. 4.1) count ``sbh(34 + 5as/h)`` bytes per layer with 2-byte activations:
-    34 sbh of (B, T, ·) tensors and 5 a s^2 b of attention scores, softmax and dropout masks.
-    Our GPT keeps less: no dropout (-2 sbh of masks), and attention through SDPA's flash kernel,
-    which saves q, k, v, its output and a per-row log-sum-exp instead of the (T, T) scores (no
-    a s^2 term). Counted tensor by tensor, with e bytes per activation element:
-
-    ============================  ===================  ==============================
-    saved by                      what                 bytes
-    ============================  ===================  ==============================
-    ln_1, ln_2                    inputs (residual)    2 e sbh, + 2 x 8 sb fp32 stats
-    attn.c_attn, mlp.c_fc         inputs (LN outputs)  2 e sbh
-    SDPA                          q, k, v (c_attn out) 3 e sbh
-    SDPA / attn.c_proj            attention output     e sbh (one tensor: flash writes
-                                                       (B, T, nh, hs), so the transpose
-                                                       back is already contiguous)
-    SDPA                          log-sum-exp          4 a s b (fp32)
-    bias_gelu / mlp.c_proj        pre- and post-GeLU   4 e sbh + 4 e sbh
-    ============================  ===================  ==============================
-
-    i.e. ``16 e sbh + 4 asb + 16 sb`` per layer: 32 sbh with bf16, against Korthikanti's 34 sbh
-    without the attention matrix. Outside the blocks: token ids (8 sb), ln_f's input and
-    lm_head's input (2 e sbh), the logits (e s b V, saved by the fused cross-entropy), its
-    log-sum-exp and targets (12 sb), position ids (8 s). The largest transient on top comes at the start of
-    backward: the logits' gradient (e s b V); with the unfused loss (``fused=False``) the fp32
-    log-softmax (4 sbV) is saved instead of the logits and backward briefly holds two more fp32
-    (s, b, V) tensors.
-
-    A recomputed block (``GPTConfig(recompute=K)``: the first K blocks; ``checkpoint=True``: all
-    of them) keeps only its input (e sbh; Korthikanti's 2 sbh), and backward holds one recomputed
-    block on top.
-
-    Args:
-        cfg: a ``GPTConfig`` or a ``GPT``.
-        batch: sequences per rank (micro-batch).
-        seq: tokens per sequence (default: ``cfg.block_size``).
-        dtype: activation dtype (the parameter dtype: bf16 under ``funzero.bf16()``).
-        checkpoint: recompute every block in backward (else the config's ``recompute`` blocks).
-
-    Returns:
-        An :class:`ActivationEstimate`.
-
-    Example:
-        >>> from funzero.models import gpt_config
-        >>> a = gpt_activations(gpt_config("gpt2"), batch=8, seq=1024)
-        >>> a.per_layer == 32 * 8 * 1024 * 768 + 4 * 12 * 1024 * 8 + 16 * 1024 * 8
-        True
-    """
-    cfg = getattr(cfg, "cfg", cfg)
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
-        if not hasattr(cfg, name):
-            raise ValueError(f"cfg must be a GPTConfig or GPT, got {type(cfg).__name__} without {name!r}")
-    seq = cfg.block_size if seq is None else seq
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch=}")
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-        raise ValueError(f"seq must be a positive int, got {seq=}")
-    if seq > cfg.block_size:
-        raise ValueError(f"seq={seq} exceeds the model's block_size {cfg.block_size}")
-    e = torch.empty((), dtype=dtype).element_size()
-    s, b, h, a, L, V = seq, batch, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.vocab_size
-    sb, sbh = s * b, s * b * h
-    per_layer = 16 * e * sbh + 4 * a * sb + 16 * sb
-    fused = getattr(cfg, "fused", True) and getattr(cfg, "bias", True)
-    # token and position ids (int64), ln_f's and lm_head's inputs, ln_f's stats, loss lse + targets
-    head_common = 8 * sb + 8 * s + 2 * e * sbh + 8 * sb + 12 * sb
-    if fused:
-        head = head_common + e * sb * V
-        head_bwd = e * sb * V
-    else:
-        head = head_common + 4 * sb * V
-        head_bwd = 8 * sb * V + (e * sb * V if e != 4 else 0)
-    # One block's backward: gradients of the (B, T, 4h) tensors (two at once) on top of its own.
-    block_bwd = 8 * e * sbh
-    k = L if checkpoint else int(getattr(cfg, "recompute", 0))
-    layers = k * e * sbh + (L - k) * per_layer
-    backward = max(head_bwd, (per_layer if k else 0) + block_bwd)
-    korthikanti = k * 2 * sbh + (L - k) * (34 * sbh + 5 * a * s * s * b)
-    checkpoint = k == L
-    return ActivationEstimate(
-        batch=b, seq=s, num_layers=L, checkpoint=checkpoint, per_layer=per_layer,
-        layers=layers, head=head, backward=backward, peak=layers + head + backward,
-        korthikanti=korthikanti,
-    )
-
-
-# --- choosing a stage -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Candidate:
-    """One (stage, offload) the planner considered.
-
-    Attributes:
-        estimate: its :class:`MemoryEstimate`.
-        fits: whether it fits every budget.
-        reason: the budget it exceeds (by how much), or its headroom.
-        gpu / cpu_node / nvme_node: bytes per GPU, CPU bytes per node, NVMe bytes per node.
-    """
-
-    stage: int
-    offload: str
-    estimate: MemoryEstimate
-    fits: bool
-    reason: str
-    gpu: int
-    cpu_node: int
-    nvme_node: int
-
-
-@dataclass(frozen=True)
-class StageChoice:
-    """What :func:`choose_stage` found: the fastest candidate that fits, and all it looked at."""
-
-    best: Candidate | None
-    candidates: tuple[Candidate, ...]
-    why: str
-
-
-SPEED_ORDER = """\
-Order, fastest first: no offload, then optimizer state in CPU memory, then parameters too, then
-NVMe; within each, the lower stage first. Offload moves every gradient and parameter shard over
-PCIe once per step and updates on the CPU, which costs more than any collective between GPUs.
-Stages 0-2 move the same 2Ψ elements per step (an all-reduce is a reduce-scatter plus an
-all-gather); stage 3 gathers parameters again in backward, 3Ψ in all, 1.5x. Among 0-2 the lower
-stage issues fewer, larger collectives (stage 1 reduces once per optimizer step, stage 2 once
-per micro-batch and group)."""
-
-
-def choose_stage(
-    model: nn.Module | int | str,
-    *,
-    num_shards: int,
-    gpu_bytes: int,
-    cpu_bytes: int | None = None,
-    nvme_bytes: int | None = None,
-    gpus_per_node: int | None = None,
-    reserve_bytes: int = 0,
-    **kw: Any,
-) -> StageChoice:
-    """The fastest ZeRO stage and placement whose estimate fits the memory budgets.
-
-    Args:
-        model: as for :func:`estimate_memory` (module or parameter count).
-        num_shards: N, data-parallel ranks in all.
-        gpu_bytes: memory per GPU.
-        cpu_bytes: host memory per node (``None``: not limited).
-        nvme_bytes: NVMe per node; ``None``: NVMe placements are not considered.
-        gpus_per_node: ranks sharing one node's CPU and NVMe (default: all ``num_shards``).
-        reserve_bytes: GPU memory to keep free beyond the estimate (CUDA context, allocator
-            fragmentation, activations when none are estimated).
-        **kw: passed to :func:`estimate_memory` (``precision``, ``tx``, ``groups``,
-            ``activations``, ...).
-
-    Returns:
-        A :class:`StageChoice`; ``best`` is ``None`` when nothing fits.
-
-    Raises:
-        ValueError: naming a non-positive budget.
-
-    Example:
-        >>> c = choose_stage("13B", num_shards=4, gpu_bytes=80e9, cpu_bytes=128e9, precision="bf16",
-        ...                  reserve_bytes=8e9)
-        >>> (c.best.stage, c.best.offload)
-        (3, 'none')
-    """
-    for name, v in (("gpu_bytes", gpu_bytes), ("cpu_bytes", cpu_bytes), ("nvme_bytes", nvme_bytes)):
-        if v is not None and not v > 0:
-            raise ValueError(f"{name} must be > 0, got {name}={v}")
-    if not 0 <= reserve_bytes < gpu_bytes:
-        raise ValueError(f"reserve_bytes must be in [0, gpu_bytes={gpu_bytes}), got {reserve_bytes=}")
-    usable = gpu_bytes - reserve_bytes
-    per_node = num_shards if gpus_per_node is None else gpus_per_node
-    if per_node < 1 or num_shards % per_node:
-        raise ValueError(f"gpus_per_node={gpus_per_node} must divide num_shards={num_shards}")
-    labels = ["none", "cpu", "cpu+params"] + (["nvme", "nvme+params"] if nvme_bytes is not None else [])
-    out = []
-    for label in labels:
-        for stage in (0, 1, 2, 3):
-            try:
-                est = estimate_memory(model, stage=stage, num_shards=num_shards, placement=OFFLOADS[label], **kw)
-            except ValueError as e:
-                if "placement" in str(e):
-                    continue  # a combination that does not exist (params offload below stage 3)
-                raise
-            cpu_node, nvme_node = est.cpu * per_node, est.nvme * per_node
-            over = []
-            if est.gpu > usable:
-                over.append(f"GPU {format_bytes(est.gpu)} > {format_bytes(usable)}")
-            if cpu_bytes is not None and cpu_node > cpu_bytes:
-                over.append(f"CPU {format_bytes(cpu_node)}/node > {format_bytes(cpu_bytes)}")
-            if nvme_bytes is not None and nvme_node > nvme_bytes:
-                over.append(f"NVMe {format_bytes(nvme_node)}/node > {format_bytes(nvme_bytes)}")
-            if over:
-                reason = "needs " + "; ".join(over)
-            else:
-                reason = f"fits, {format_bytes(usable - est.gpu)} GPU headroom"
-            out.append(Candidate(stage, label, est, not over, reason, est.gpu, cpu_node, nvme_node))
-    best = next((c for c in out if c.fits), None)
-    if best is None:
-        why = "nothing fits: " + min(out, key=lambda c: c.gpu).reason
-    else:
-        skipped = [c for c in out[: out.index(best)]]
-        lines = [f"stage {best.stage}, offload {best.offload}: the first candidate that fits ({best.reason})."]
-        if skipped:
-            lines.append("Faster candidates rejected: " + "; ".join(
-                f"stage {c.stage}/{c.offload} {c.reason}" for c in skipped
-            ) + ".")
-        lines.append(SPEED_ORDER)
-        why = "\n".join(lines)
-    return StageChoice(best, tuple(out), why)

@@ -1,8 +1,11 @@
-"""TrainState: everything that changes during training, as one pytree; and ``init``."""
+"""TrainState: everything that changes during training, as one pytree; and ``init``.
+
+:func:`build_state` is the one description of what a rank holds: ``init`` runs it on the
+model's values, the memory model (``_memory.py``) on meta tensors, so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,16 +13,17 @@ import optree
 import torch
 from torch import nn
 
+from funzero._binding import Binding, bind
 from funzero._collectives import all_gather
-from funzero._plan import Binding, Plan, bind
+from funzero._placement import group_of_path
+from funzero._plan import Plan
 from funzero._precision import Precision, fp32
 from funzero.optim import GradientTransformation
+from shardspec import is_sharded
 
-__all__ = ["TrainState", "gather_params", "init", "state_nbytes"]
+__all__ = ["TrainState", "binding_of", "build_state", "gather_params", "init", "state_nbytes", "sync"]
 
-# The binding of the last init() per model, so a step built afterwards is ready before its first
-# (possibly compiled) call and never mutates itself while dynamo traces it.
-BINDINGS: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()
+_BINDING_ATTR = "_funzero_binding"
 
 
 @optree.register_pytree_node_class(namespace="funzero")
@@ -28,13 +32,14 @@ class TrainState:
 
     Attributes:
         step: () int64, optimizer steps taken.
-        params: ``{group: (n,) param_dtype}``: the full flat buffer (stages 0-2) or this rank's
-            shard (stage 3) of each group, in the dtype the model computes in.
+        params: ``{group: (n,) param_dtype}``: the full flat buffer or this rank's shard of each
+            group (as the plan's params spec says), in the dtype the model computes in.
         master: ``{group: (n,) fp32}``: the master weights the optimizer updates (this rank's
-            shard in stages 1-3, full in stage 0), or ``None`` when ``params`` are fp32.
+            part, as the opt_state spec says), or ``None`` when ``params`` are fp32.
         opt_state: the optimizer's state over the master (or param) buffers.
         scaler: loss-scaling state (fp16), or ``None``.
-        binding: static (not a leaf): layouts, owners and precision, fixed at ``init``.
+        binding: static (not a leaf): layouts, owners, specs, precision and placement, fixed at
+            ``init``.
     """
 
     def __init__(self, step, params, master, opt_state, scaler, binding: Binding) -> None:
@@ -69,6 +74,12 @@ class TrainState:
             f"TrainState(stage={b.stage}, groups={len(b.layouts)}, shards={b.num_shards}, "
             f"params={sum(lay.numel for lay in b.layouts.values())}, precision={b.precision})"
         )
+
+
+def binding_of(model: nn.Module) -> Binding | None:
+    """The binding of the last :func:`init` of ``model`` (the template knows what it is bound to,
+    so a step built afterwards is ready before its first, possibly compiled, call)."""
+    return model.__dict__.get(_BINDING_ATTR)
 
 
 def _leaves(tree: Any) -> list[torch.Tensor]:
@@ -109,6 +120,62 @@ def _release(model: nn.Module, binding: Binding) -> None:
             model.get_submodule(mp)._parameters[ln] = ghost
 
 
+def build_state(b: Binding, tx: GradientTransformation, values: Mapping[str, torch.Tensor] | None,
+                device: torch.device | str, *, place: bool = True) -> TrainState:
+    """The initial state of binding ``b``: each group's leaves packed (in the master dtype, so the
+    fp32 master is exact) into one flat buffer, of which each part keeps what its spec says.
+
+    ``values=None`` builds it of meta tensors (shapes and dtypes only); ``place=False`` leaves
+    every buffer where it was made instead of where the placement says.
+    """
+    precision, specs, pl = b.precision, b.specs, b.placement
+    master_dtype = precision.opt_dtype
+    out_params, out_master = {}, {}
+
+    def put(key, t, name, g):
+        return pl.place(key, t, name=name, g=g) if place else t
+
+    for g, lay in b.layouts.items():
+        if values is None:
+            full = torch.empty(lay.padded, dtype=master_dtype, device="meta")
+        else:
+            out = torch.zeros(lay.padded, dtype=master_dtype, device=device)
+            full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=out)
+        own = lay.shard(full, b.rank)
+        held = own if is_sharded(specs.params) else full
+        out_params[g] = put("params", held.to(precision.param_dtype, copy=True), f"params.{g}", g)
+        if precision.has_master:
+            mine = own.clone() if is_sharded(specs.opt_state) else full
+            out_master[g] = put("opt_state", mine, f"master.{g}", g)
+        del full, own, held
+    opt_target = out_master if precision.has_master else (
+        {g: specs.opt_view(t, b.layouts[g], b.rank) for g, t in out_params.items()}
+    )
+    acc = tx.traits.accumulate
+    if acc is not None:
+        # The accumulator holds what backward produces (the full local gradient where the
+        # reduce waits for the step, else gradients shaped like the optimizer's target), on the
+        # compute device; only the inner state is placed.
+        if specs.reduce == "step":
+            grad_like = out_params
+        else:
+            grad_like = {g: torch.empty(t.shape, dtype=t.dtype, device=t.device if values is None else device)
+                         for g, t in opt_target.items()}
+        opt_state = acc.init(opt_target, grad_like=grad_like)
+        inner = acc.inner_state(opt_state)
+        opt_state = acc.with_inner_state(opt_state, _place_tree(pl, inner, "opt") if place else inner)
+    else:
+        opt_state = tx.init(opt_target)
+        opt_state = _place_tree(pl, opt_state, "opt") if place else opt_state
+    scaler = None
+    if precision.loss_scaling is not None:
+        from funzero._scaler import init_scaler
+
+        scaler = init_scaler(precision.loss_scaling, "meta" if values is None else device)
+    step = torch.zeros((), dtype=torch.int64, device="meta" if values is None else device)
+    return TrainState(step, out_params, out_master if precision.has_master else None, opt_state, scaler, b)
+
+
 def init(
     model: nn.Module,
     tx: GradientTransformation,
@@ -121,7 +188,7 @@ def init(
     """The initial training state of ``model`` under ``plan``.
 
     Each group's leaves are packed (in the master dtype, so the fp32 master is exact) into one
-    flat buffer; each rank keeps what its stage holds and drops the rest.
+    flat buffer; each rank keeps what its plan's specs hold and drops the rest.
 
     Args:
         model: any ``nn.Module``; its trainable parameters are the initial values (or ``params``).
@@ -135,70 +202,33 @@ def init(
     Returns:
         a :class:`TrainState` on ``plan.mesh.device``.
     """
+    from funzero._step import as_transformation
+
+    tx = as_transformation(tx)
     precision = precision or fp32()
     binding = bind(model, plan, precision)
-    device = plan.mesh.device
     named = dict(model.named_parameters())
     values = {p: (params[p] if params is not None and p in params else named[p]) for p in binding.paths}
     for p, v in values.items():
         if v.device.type == "meta":
             raise ValueError(f"parameter {p!r} is on the meta device; pass its value in params=")
-    rank = plan.rank
-    pl = binding.placement
-    master_dtype = precision.opt_dtype
-    if pl.store is not None:
+    nvme = binding.placement.nvme()
+    if nvme is not None:
         from funzero._memory import estimate_memory
 
         # The memory model's NVMe figure already counts the copy each update writes.
-        est = estimate_memory(binding, tx=tx, precision=precision, placement=dict(plan.placement))
-        pl.store.check_space(est.nvme // 2)
-    out_params, out_master = {}, {}
-    for g, lay in binding.layouts.items():
-        full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=torch.zeros(lay.padded, dtype=master_dtype, device=device))
-        own = lay.shard(full, rank)
-        if plan.params_sharded:
-            out_params[g] = pl.place("params", own.to(precision.param_dtype, copy=True), name=f"params.{g}", g=g)
-        else:
-            out_params[g] = full.to(precision.param_dtype, copy=True)
-        if precision.has_master:
-            out_master[g] = pl.place("opt_state", own.clone() if plan.opt_sharded else full, name=f"master.{g}", g=g)
-        del full, own
-    opt_target = out_master if precision.has_master else (
-        {g: plan.opt_view(t, binding.layouts[g]) for g, t in out_params.items()}
-    )
-    acc = tx.traits.accumulate
-    if acc is not None:
-        # The accumulator holds what backward produces: stage 1 full local gradients, else
-        # gradients shaped like the optimizer's target, on the compute device.
-        grad_like = out_params if not plan.reduce_in_backward else {g: torch.empty(t.shape, dtype=t.dtype, device=device) for g, t in opt_target.items()}
-        opt_state = acc.init(opt_target, grad_like=grad_like)
-        opt_state = acc.with_inner_state(opt_state, _place_tree(pl, acc.inner_state(opt_state), "opt"))
-    else:
-        opt_state = _place_tree(pl, tx.init(opt_target), "opt")
-    scaler = None
-    if precision.loss_scaling is not None:
-        from funzero._scaler import init_scaler
-
-        scaler = init_scaler(precision.loss_scaling, device)
+        nvme.check_space(estimate_memory(binding, tx=tx).nvme // 2)
+    state = build_state(binding, tx, values, plan.mesh.device)
     if release:
         _release(model, binding)
-    BINDINGS[model] = binding
-    return TrainState(
-        torch.zeros((), dtype=torch.int64, device=device),
-        out_params,
-        out_master if precision.has_master else None,
-        opt_state,
-        scaler,
-        binding,
-    )
+    model.__dict__[_BINDING_ATTR] = binding
+    return state
 
 
 def _place_tree(pl, tree, prefix: str):
     """Every tensor leaf of an optimizer-state tree moved to where ``opt_state`` lives."""
     if not pl.offloaded("opt_state"):
         return tree
-    from funzero._placement import group_of_path
-
     paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace="funzero")
     del tree
     out = []
@@ -213,23 +243,21 @@ def _place_tree(pl, tree, prefix: str):
 
 
 def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The full parameters ``{leaf path: tensor}`` on every rank (a collective in stage 3).
+    """The full parameters ``{leaf path: tensor}`` on every rank (a collective where they are sharded).
 
     Args:
-        plan: needed to gather stage-3 shards across ranks (the plan the state was made with).
+        plan: needed to gather shards across ranks (the plan the state was made with).
         dtype: cast to this dtype (default: the master dtype where there is one, so fp32
             training returns exact values; bf16 returns the fp32 master, gathered).
     """
-    from funzero._offload import sync
-
-    sync(state)  # a delayed host update still running would be read half-done
     b = state.binding
+    b.placement.sync()  # a delayed host update still running would be read half-done
     out = {}
     use_master = state.master is not None
+    spec = b.specs.opt_state if use_master else b.specs.params
     for g, lay in b.layouts.items():
         src = state.master[g] if use_master else state.params[g]
-        sharded = (b.stage >= 1) if use_master else (b.stage == 3)
-        if sharded and b.num_shards > 1:
+        if is_sharded(spec) and b.num_shards > 1:
             if plan is None:
                 raise ValueError("gather_params of a sharded state needs the plan (its mesh)")
             full = all_gather(src.detach().to(plan.mesh.device), plan.mesh, plan.axis, tag="gather_params")
@@ -238,3 +266,16 @@ def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.d
         for path, v in lay.unpack(full).items():
             out[path] = v.to(dtype or v.dtype, copy=True)
     return out
+
+
+@torch.compiler.disable  # host-side waiting: a graph break in a compiled step
+def sync(state: TrainState) -> TrainState:
+    """Wait for work a step left running (the delayed or async host update); returns ``state``.
+
+    Needed only with ``zero(..., delayed_update=True)`` or ``async_update=True`` before reading
+    ``state.params``, ``state.master`` or ``state.opt_state`` yourself; ``save_state`` and
+    ``gather_params`` call it. Where replicated parameters are refreshed by an all-gather of the
+    updated shards (stages 1-2 on several ranks), it is a collective: call it on every rank.
+    """
+    state.binding.placement.sync()
+    return state

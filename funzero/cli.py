@@ -19,15 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from funzero._memory import (
-    OFFLOADS,
-    ActivationEstimate,
-    MemoryEstimate,
-    choose_stage,
-    estimate_memory,
-    gpt_activations,
-    parse_count,
-)
+from funzero._activations import ActivationEstimate, gpt_activations
+from funzero._counts import parse_count
+from funzero._memory import MemoryEstimate, estimate_memory
+from funzero._planner import OFFLOADS, candidates, choose_stage
 
 __all__ = ["main"]
 
@@ -215,16 +210,8 @@ def _estimate(args) -> int:
     n = gpus * nodes
     from rich.table import Table
 
-    rows = []
-    for stage in (0, 1, 2, 3):
-        for label in labels:
-            try:
-                est = estimate_memory(model, stage=stage, num_shards=n, placement=OFFLOADS[label], **kw)
-            except ValueError as e:
-                if "placement" in str(e):
-                    continue  # no such combination (params offload below stage 3, ...)
-                raise
-            rows.append(est)
+    pairs = sorted(candidates(labels), key=lambda p: (p[1], labels.index(p[0])))  # by stage, then offload
+    rows = [estimate_memory(model, stage=stage, num_shards=n, placement=OFFLOADS[label], **kw) for label, stage in pairs]
     con = _console()
     con.print(_header(desc, n, gpus, nodes, rows[0]))
     t = Table(title="Per-rank memory (GB)", title_justify="left")

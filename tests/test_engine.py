@@ -94,8 +94,6 @@ def _nonscalar_bytes(tree) -> int:
 
 
 def _accounting(rank, world, stage, accumulate, micro_steps):
-    from funzero._step import _local_batch
-
     model = tiny_gpt()
     plan = fz.zero(stage, groups=GROUPS)
     inner = fz.optim.adamw(1e-2, weight_decay=0.1, fused=False)
@@ -112,7 +110,7 @@ def _accounting(rank, world, stage, accumulate, micro_steps):
         "opt": _nonscalar_bytes(state.opt_state.inner_state if accumulate > 1 else state.opt_state),
     }
     data = batches(micro_steps)
-    grads, _, _ = step.engine.forward_backward(state, _local_batch(data[0], plan), None)
+    grads = fz.testing.gradients(step, state, data[0])
     out["grad_numel"] = sum(g.numel() for g in grads.values())
     del grads
     with fz.count_comm() as comm, fz.track_gathered() as live:
@@ -273,18 +271,12 @@ def test_tied_weights_and_buffers_across_stages():
 
 def _reduce_order(rank, world, stage):
     """Events of one eager step: each gradient collective, and backward reaching blocks.0's input."""
-    import funzero._collectives as coll_mod
-
     events = []
-    for name in ("reduce_scatter", "all_reduce"):
-        real = getattr(coll_mod, name)
 
-        def spy(x, *a, _real=real, _name=name, **k):
-            if k.get("tag") == "grad":
-                events.append(f"{_name} {x.numel()}")
-            return _real(x, *a, **k)
+    def on_call(op, tag, x):
+        if tag == "grad":
+            events.append(f"{op} {x.numel()}")
 
-        setattr(coll_mod, name, spy)  # reduce_grad looks the collective up here
     model = tiny_gpt()
 
     def watch_input(module, args):
@@ -295,7 +287,8 @@ def _reduce_order(rank, world, stage):
     plan = fz.zero(stage, groups=GROUPS)
     tx = fz.optim.adamw(1e-2)
     state = fz.init(model, tx, plan, precision=fz.bf16())
-    fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
+    with fz.count_comm(on_call=on_call):
+        fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
     sizes = {g: lay.padded for g, lay in state.binding.layouts.items()}
     return events, sizes
 
@@ -331,9 +324,8 @@ def test_one_rank_reads_leaf_gradients_in_place(backend, stage, clip):
         if clip:  # a bound the gradient exceeds: every step clips
             tx = fz.optim.chain(fz.optim.clip_by_global_norm(0.05), tx)
         state = fz.init(model, tx, plan, precision=fz.bf16())
-        step = fz.train_step(model, lm_loss, tx, plan)
-        step.engine.leaf_grads = name == "leafwise"
-        assert step.engine.leafwise(state) == (name == "leafwise")
+        step = fz.testing.set_leaf_grads(fz.train_step(model, lm_loss, tx, plan), name == "leafwise")
+        assert fz.testing.route(step, state).leaves == (name == "leafwise")
         with fo.backend(backend):
             for b in data:
                 state, _ = step(state, b)

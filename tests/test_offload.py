@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import funzero as fz
-from funzero import optim
-from funzero._placement import NvmeStore, group_of_path
+from funzero import optim, testing
 from tests._dist import run_world
 from tests._models import GROUPS, batches, lm_loss, tiny_gpt, train_tiny
 
@@ -29,25 +28,6 @@ CASES = [  # (stage, placement) for every stage where the offload makes sense
 
 def _leaves(tree):
     return [t for t in optree.tree_leaves(tree, namespace="funzero") if isinstance(t, torch.Tensor)]
-
-
-def _check_placed(state, placement) -> list[str]:
-    """Names of leaves that are not where the placement says (each leaf against its group's place)."""
-    pl = state.binding.placement
-    groups = state.binding.layouts
-    bad = []
-    for key, parts in (("params", [state.params]), ("opt_state", [state.master, state.opt_state])):
-        for part in parts:
-            paths, leaves, _ = optree.tree_flatten_with_path(part, namespace="funzero")
-            for path, t in zip(paths, leaves):
-                if not isinstance(t, torch.Tensor):
-                    continue
-                g = group_of_path(path, groups)
-                if t.dim() > 0 and g is None:
-                    bad.append(f"{key}: {path} belongs to no group")
-                elif not pl.on_target(key, t, g):
-                    bad.append(f"{key}: {path} {tuple(t.shape)} on {t.device} file={NvmeStore.filename(t)}")
-    return bad
 
 
 B0, B1 = r"^blocks\.0\.", r"^blocks\.1\."
@@ -80,19 +60,15 @@ def _train(rank, world, tmpdir, cases, steps):
             tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1, mask=r"weight$"))
             state = fz.init(model, tx, plan, precision=fz.bf16())
             step = fz.train_step(model, lm_loss, tx, plan)
-            # Host state takes the pipelined update (_offload.py), NVMe files included, except
-            # when the parameters themselves are files (stage 3, params on NVMe).
+            # Host state takes the pipelined update (_placement/_host.py), NVMe files included,
+            # except when the parameters themselves are files (stage 3, params on NVMe).
             pipelined = bool(pl) and "nvme" not in str(pl.get("params", ""))
-            assert step.engine.pipelined(state) == pipelined, (stage, pl)
-            misplaced = [_check_placed(state, pl)]
+            assert testing.route(step, state).pipelined == pipelined, (stage, pl)
+            misplaced = [testing.misplaced(state)]
             for b in batches(steps):
                 state, _ = step(state, b)
-                misplaced.append(_check_placed(state, pl))
-            files = []
-            if pl and state.binding.placement.store is not None:
-                state.binding.placement.store.flush()
-                d = state.binding.placement.store.dir
-                files = sorted(os.listdir(d))
+                misplaced.append(testing.misplaced(state))
+            files = testing.nvme_files(state) if pl else []
             runs[name] = (fz.gather_params(state, plan), misplaced, files, [t.clone() for t in _leaves(state.params)])
         out[(stage, str(placement))] = runs
     return out
@@ -145,7 +121,7 @@ def test_bad_placements_fail_at_plan_or_init_with_the_value(tmp_path, monkeypatc
         fz.init(tiny_gpt(), optim.adamw(1e-3), fz.zero(2, placement={"opt_state": f"nvme:{tmp_path}/ok"}))
 
 
-# --- the pipelined host update (funzero/_offload.py) -------------------------------------------
+# --- the pipelined host update (funzero/_placement/_host.py) -----------------------------------
 # A fused optimizer (plain adamw) takes the pipelined path: gradients copied out per group, a
 # worker thread updating group by group, parameters copied back. On CPU the copies are plain
 # copies, the worker thread and its ordering are the real ones.
@@ -187,12 +163,12 @@ def _pipelined(rank, world, cases, steps, mode):
             step = fz.train_step(model, lm_loss, tx, plan)
             # The device-placed reference packs each group's gradient like the host path does:
             # a clip norm summed per leaf (one-rank eager steps) would give other bits.
-            step.engine.leaf_grads = False
-            assert step.engine.pipelined(state) == (name == "placed")
+            testing.set_leaf_grads(step, False)
+            assert testing.route(step, state).pipelined == (name == "placed")
             if name == "placed":
                 lagged = {g for g in state.binding.layouts if state.binding.placement.offloaded("opt_state", g)}
             hist = [{g: t.clone() for g, t in state.params.items()}]
-            misplaced = [_check_placed(state, pl)]
+            misplaced = [testing.misplaced(state)]
             for i, b in enumerate(batches(steps)):
                 if delayed and name == "default":
                     # Emulate the delayed update with the ordinary step: compute step t's gradient
@@ -203,7 +179,7 @@ def _pipelined(rank, world, cases, steps, mode):
                 state, _ = step(state, b)
                 if delayed and name == "default":
                     hist.append({g: t.clone() for g, t in state.params.items()})
-                misplaced.append(_check_placed(state, pl))
+                misplaced.append(testing.misplaced(state))
             fz.sync(state)
             if delayed and name == "default":
                 for g, t in state.params.items():
@@ -272,23 +248,15 @@ def test_a_failing_host_update_raises_in_the_caller(monkeypatch):
 
 
 @pytest.mark.parametrize("clip", [False, True])
-def test_gradients_leave_during_backward_when_nothing_global_is_needed(monkeypatch, clip):
-    from funzero._offload import HostUpdater
-
-    inside = []
-    real = HostUpdater._issue
-
-    def spy(self, job, g, *a, **k):
-        inside.append(torch._C._current_graph_task_id() != -1)  # -1: not in a backward pass
-        return real(self, job, g, *a, **k)
-
-    monkeypatch.setattr(HostUpdater, "_issue", spy)
+def test_gradients_leave_during_backward_when_nothing_global_is_needed(clip):
     model = tiny_gpt()
     plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"})
     tx = _tx("bf16+clip" if clip else "bf16")
     state = fz.init(model, tx, plan, precision=fz.bf16())
     step = fz.train_step(model, lm_loss, tx, plan)
-    state, _ = step(state, batches(1)[0])
+    with testing.host_events(state) as events:
+        state, _ = step(state, batches(1)[0])
+    inside = [e.in_backward for e in events if e.kind == "issue"]
     n = len(state.binding.layouts)
     # Every group streams from inside backward, unless a global clip norm must come first.
     assert inside == [not clip] * n
@@ -315,20 +283,9 @@ def test_a_step_that_fails_in_forward_leaves_the_next_step_working():
 
 
 # --- leaf-path placement rules -------------------------------------------------------------------
-def test_rules_send_exactly_the_offloaded_groups_to_the_host(monkeypatch):
+def test_rules_send_exactly_the_offloaded_groups_to_the_host():
     """Groups whose state a rule keeps on the device never reach the host update."""
-    from funzero._offload import HostUpdater
-
-    issued = []
-    real = HostUpdater._issue
-
-    def spy(self, job, g, *a, **k):
-        issued.append(g)
-        return real(self, job, g, *a, **k)
-
-    monkeypatch.setattr(HostUpdater, "_issue", spy)
     for tx_name in ("bf16", "bf16+clip"):  # streamed from backward, and after a global prefix
-        issued.clear()
         model = tiny_gpt()
         plan = fz.zero(2, groups=GROUPS, placement={"opt_state": [(B0, "device"), ("", "cpu")]})
         tx = _tx(tx_name)
@@ -337,8 +294,10 @@ def test_rules_send_exactly_the_offloaded_groups_to_the_host(monkeypatch):
         assert pl.kind("opt_state") == "mixed" and pl.kinds("opt_state") == {"device", "cpu"}
         assert [pl.kind("opt_state", g) for g in state.binding.layouts] == ["cpu", "device", "cpu"]
         step = fz.train_step(model, lm_loss, tx, plan)
-        for b in batches(2):
-            state, m = step(state, b)
+        with testing.host_events(state) as events:
+            for b in batches(2):
+                state, m = step(state, b)
+        issued = [e.group for e in events if e.kind == "issue"]
         assert torch.isfinite(m["loss"])
         assert sorted(issued) == sorted(["rest", "blocks.1"] * 2), (tx_name, issued)
 
@@ -376,20 +335,11 @@ def test_bad_placement_rules_name_the_leaf_group_or_rule():
     fz.zero(2, placement={"opt_state": [(B0, "device"), ("", "cpu")]}, delayed_update=True)
 
 
-def test_a_group_leaves_as_soon_as_its_backward_is_done(monkeypatch):
+def test_a_group_leaves_as_soon_as_its_backward_is_done():
     """Not at the end of backward: blocks.1 goes to the host before backward reaches the input
-    of blocks.0 (the views that pack a flat buffer run their backward last, so a hook on the
-    group's flat gradient would fire only once backward is over)."""
-    from funzero._offload import HostUpdater
-
+    of blocks.0 (views that pack a flat buffer made before forward would run their backward
+    last, so a hook on the group's flat gradient would fire only once backward is over)."""
     events = []
-    real = HostUpdater._issue
-
-    def spy(self, job, g, *a, **k):
-        events.append(f"issue {g}")
-        return real(self, job, g, *a, **k)
-
-    monkeypatch.setattr(HostUpdater, "_issue", spy)
     model = tiny_gpt()
 
     def watch_input(module, args):
@@ -400,36 +350,32 @@ def test_a_group_leaves_as_soon_as_its_backward_is_done(monkeypatch):
     plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"})
     tx = optim.adamw(1e-2)
     state = fz.init(model, tx, plan, precision=fz.bf16())
-    fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
+
+    def on_event(e):
+        if e.kind == "issue":
+            events.append(f"issue {e.group}")
+
+    with testing.host_events(state, on_event=on_event):
+        fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
     assert events.index("issue blocks.1") < events.index("grad at the input of blocks.0"), events
     assert sorted(e for e in events if e.startswith("issue")) == ["issue blocks.0", "issue blocks.1", "issue rest"]
 
 
-def _slow_host_update(monkeypatch, seconds: float, events: list) -> None:
-    """Each host group update sleeps first, then appends ``"updated <group>"`` to ``events``."""
-    from funzero import _step
+def _slow_host_update(state, seconds: float, events: list):
+    """Each host group update of ``state``'s binding sleeps first, then ``"updated <group>"`` is
+    appended to ``events``."""
+    def on_event(e):
+        if e.kind == "update":
+            events.append(f"updated {e.group}")
 
-    real = _step._Engine.group_update
-
-    def slow(self, *a, **k):
-        update = real(self, *a, **k)
-
-        def late(g, grad, out):
-            time.sleep(seconds)
-            update(g, grad, out)
-            events.append(f"updated {g}")
-
-        return late
-
-    monkeypatch.setattr(_step._Engine, "group_update", slow)
+    return testing.host_events(state, delay=seconds, on_event=on_event)
 
 
-def test_async_update_overlaps_the_next_forward_and_waits_per_group(monkeypatch):
+def test_async_update_overlaps_the_next_forward_and_waits_per_group():
     """async_update: the step returns while its host update runs; the next forward runs each
     module only after its group's update (and copy in) is done, and starts before the whole
     update is done."""
     events = []
-    _slow_host_update(monkeypatch, 0.2, events)
     for async_update in (False, True):
         events.clear()
         model = tiny_gpt()
@@ -440,11 +386,12 @@ def test_async_update_overlaps_the_next_forward_and_waits_per_group(monkeypatch)
         state = fz.init(model, tx, plan, precision=fz.bf16())
         step = fz.train_step(model, lm_loss, tx, plan)
         b = batches(2)
-        state, _ = step(state, b[0])
-        events.append("returned")
-        first = events.index("returned")
-        state, _ = step(state, b[1])
-        fz.sync(state)
+        with _slow_host_update(state, 0.2, events):
+            state, _ = step(state, b[0])
+            events.append("returned")
+            first = events.index("returned")
+            state, _ = step(state, b[1])
+            fz.sync(state)
         second = events[first + 1 :]
         updated_first = [e for e in events[:first] + second if e.startswith("updated")][:3]
         assert sorted(updated_first) == ["updated blocks.0", "updated blocks.1", "updated rest"]
@@ -470,13 +417,18 @@ def test_async_update_errors_name_the_problem():
         fz.zero(2, placement={"opt_state": "cpu"}, async_update=True, delayed_update=True)
 
 
-def test_save_state_right_after_an_async_step_saves_the_finished_update(tmp_path, monkeypatch):
+def test_save_state_right_after_an_async_step_saves_the_finished_update(tmp_path):
     """save_state waits for the update still running (the step returned before it finished)."""
-    _slow_host_update(monkeypatch, 0.1, [])
     loaded = {}
     for async_update in (False, True):
-        state, plan = train_tiny(tiny_gpt(), 2, placement={"opt_state": "cpu"}, async_update=async_update)
-        fz.save_state(state, plan, str(tmp_path / f"ckpt{async_update}"))
+        model = tiny_gpt()
+        plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"}, async_update=async_update)
+        state = fz.init(model, optim.adamw(1e-2), plan, precision=fz.bf16())
+        step = fz.train_step(model, lm_loss, optim.adamw(1e-2), plan)
+        with _slow_host_update(state, 0.1, []):
+            for b in batches(2):
+                state, _ = step(state, b)
+            fz.save_state(state, plan, str(tmp_path / f"ckpt{async_update}"))
         fresh = fz.init(tiny_gpt(seed=1), optim.adamw(1e-2), plan, precision=fz.bf16())
         fresh = fz.load_state(fresh, plan, str(tmp_path / f"ckpt{async_update}"))
         loaded[async_update] = (fz.gather_params(fresh, plan), [t.clone() for t in _leaves(fresh.opt_state)])

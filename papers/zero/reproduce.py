@@ -10,7 +10,7 @@ different optimizations in ZeRO-DP as a function of DP degree") and Figure 1 (Ψ
 K = 12). Their setting is mixed-precision Adam: fp16 parameters and gradients (2 + 2 bytes per
 parameter) and K = 12 bytes of optimizer state (fp32 master, momentum, variance).
 
-Our numbers come from ``funzero._memory.estimate_memory`` (the engine's own layouts, one group,
+Our numbers come from ``funzero.estimate_memory`` (the engine's own layouts, one group,
 ``funzero.fp16()`` and ``adamw``, whose ``init`` gives the 12 bytes), ``model_states["total"]``.
 
 Units and rounding, found by checking every cell: the paper's GB is 10^9 bytes (with 2^30 the
@@ -28,8 +28,7 @@ from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 
 import torch
 
-from funzero._memory import estimate_memory
-from funzero._precision import Precision, bf16, fp16
+from funzero import Precision, bf16, estimate_memory, fp16
 
 HERE = pathlib.Path(__file__).resolve().parent
 

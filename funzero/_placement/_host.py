@@ -1,7 +1,7 @@
-"""The host update, pipelined: gradients stream out, groups update on the CPU, parameters stream back.
+"""``cpu``: host memory, and the host update that serves every offloaded kind (``cpu``, ``nvme``).
 
-For optimizer state placed on the host (``placement={"opt_state": "cpu"}``, or NVMe files, which
-the update copies, updates and renames per group). Per group, in the order backward produced them:
+For optimizer state placed on the host the update is pipelined per group, in the order backward
+produced the gradients:
 
     device stream  ... backward ─┐
     D2H stream                   ├ grad g0 ─ grad g1 ─ grad g2 ─ ...            (pinned buffers)
@@ -10,13 +10,14 @@ the update copies, updates and renames per group). Per group, in the order backw
 
 so the CPU update of group i overlaps the device-to-host copy of group i+1 and the host-to-device
 copy of group i-1. The host update is the bottleneck of an offloaded step (it is bound by host
-memory bandwidth); everything else hides behind it.
+memory bandwidth); everything else hides behind it. Groups whose state stays on the device
+(placement rules) update on the device's stream meanwhile.
 
 With ``zero(..., async_update=True)`` (exact) the step returns once the update is under way.
-The next forward waits group by group (:meth:`HostUpdater.wait_group`, from a forward pre-hook
-on each module that owns parameters): the group's update is done, its parameters are copied in,
-the device stream waits for that copy. The worker takes, among the groups whose gradient has
-landed, the one the next forward needs first, so the update overlaps the next forward:
+The next forward waits group by group (:meth:`HostUpdate.wait_group`, from the group's forward
+pre-hook): the group's update is done, its parameters are copied in, the device stream waits for
+that copy. The worker takes, among the groups whose gradient has landed, the one the next
+forward needs first, so the update overlaps the next forward:
 
     worker thread   ... update g5 ─ update g0 ─ update g1 ─ update g2 ...
     device stream   backward ─┘ (step returns) forward g0 ─ forward g1 ─ forward g2 ...
@@ -42,18 +43,45 @@ Footguns this file guards:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import os
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
-
+import optree
 import torch
 
-__all__ = ["HostUpdater", "sync"]
+from funzero._placement._kind import Kind
 
-_UPDATERS: dict[int, "HostUpdater"] = {}
+__all__ = ["Cpu", "HostUpdate"]
+
+
+class Cpu(Kind):
+    """Host memory. Leaves that travel to the device at every step (stage-3 parameter shards,
+    gathered just in time) are pinned; the optimizer's master and moments never leave the host
+    (gradients come in and parameters go out through pinned staging buffers), so they are not:
+    pinning them would only cost page-locked memory, which the caching host allocator also
+    rounds up to a power of two per buffer."""
+
+    name = "cpu"
+    tier = "cpu"
+    offloaded = True
+
+    @classmethod
+    def parse(cls, text: str) -> str | None:
+        return "" if text == "cpu" else None
+
+    def pinned(self, key: str) -> bool:
+        return key == "params" and torch.cuda.is_available()
+
+    def empty(self, key: str, n: int, dtype: torch.dtype, *, name: str) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype, pin_memory=self.pinned(key))
+
+    def holds(self, key: str, t: torch.Tensor) -> bool:
+        from funzero._placement._nvme import is_file_backed
+
+        return t.device.type == "cpu" and (t.is_pinned() or not self.pinned(key)) and not is_file_backed(t)
 
 
 def _threads() -> int:
@@ -118,7 +146,7 @@ class _Job:
 
 class _Ahead:
     """An async update still running: its groups' parameters are copied in as the next forward
-    reaches them (:meth:`HostUpdater.wait_group`)."""
+    reaches them (:meth:`HostUpdate.wait_group`)."""
 
     def __init__(self, job: _Job, params: dict, gather: Callable[[str], None] | None) -> None:
         self.job, self.params, self.gather = job, params, gather
@@ -126,30 +154,16 @@ class _Ahead:
         self.ready: set[str] = set()  # and waited for by the device stream (and gathered)
 
 
-class _Parts:
-    """A group's gradient as its leaves' gradients: ``parts = [(offset, grad)]`` into a flat buffer
-    of ``numel()`` elements whose other elements (padding) are zero.
+class HostUpdate:
+    """Pinned buffers, two copy streams and one worker thread: one binding's host update.
 
-    ``numel()``/``element_size()`` describe that flat gradient (what the memory model counts);
-    ``held_nbytes()`` is what the leaves' gradients hold, less by the padding, and nothing once
-    their copy to the host is issued (they are dropped then).
+    Made by the binding's :class:`~funzero._placement.Placement` the first time a step needs it,
+    and kept there (the state's static part), not in any module-level table.
+
+    ``observers`` (for tests, through ``funzero.testing``) are called as ``fn(event, group)``
+    with ``event`` one of ``"issue"`` (a gradient copy to the host was issued) and
+    ``"update"`` (the group's host update ran); ``slowdown`` (seconds) delays each group update.
     """
-
-    def __init__(self, parts: list, numel: int, dtype: torch.dtype) -> None:
-        self.parts, self.size, self.dtype = parts, numel, dtype
-
-    def numel(self) -> int:
-        return self.size
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    def held_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.parts)
-
-
-class HostUpdater:
-    """Pinned buffers, two copy streams and one worker thread for one binding's host update."""
 
     def __init__(self, compute: torch.device) -> None:
         self.cuda = compute.type == "cuda"
@@ -167,15 +181,12 @@ class HostUpdater:
         # seconds spent: by the worker updating groups, by the next forward waiting for them
         self.stats = {"update_s": 0.0, "forward_wait_s": 0.0}
         self.finish: Callable[[], None] | None = None  # after copying in (stages 1-2: all-gather)
+        self.observers: list[Callable[[str, str], None]] = []
+        self.slowdown = 0.0
 
-    @staticmethod
-    def of(binding, compute: torch.device) -> "HostUpdater":
-        key = id(binding)
-        up = _UPDATERS.get(key)
-        if up is None:
-            up = _UPDATERS[key] = HostUpdater(compute)
-            weakref.finalize(binding, _UPDATERS.pop, key, None)
-        return up
+    def _tell(self, event: str, g: str) -> None:
+        for fn in self.observers:
+            fn(event, g)
 
     # --- buffers and copies ---------------------------------------------------------------------
     def _pinned(self, cache: dict, g: str, like: torch.Tensor) -> torch.Tensor:
@@ -184,30 +195,17 @@ class HostUpdater:
             buf = cache[g] = torch.empty(like.numel(), dtype=like.dtype, pin_memory=self.cuda)
         return buf
 
-    def _to_host(self, g: str, x, job: _Job) -> None:
-        """Copy group ``g``'s gradient out: a flat tensor, or ``_Parts`` (one tensor per leaf)."""
-        if isinstance(x, _Parts):
-            buf = self.grad_host.get(g)
-            if buf is None or buf.numel() != x.numel() or buf.dtype != x.dtype:
-                # padding between and after the leaves stays zero: only the leaves are written
-                buf = self.grad_host[g] = torch.zeros(x.numel(), dtype=x.dtype, pin_memory=self.cuda)
-            pieces = [(buf[a : a + t.numel()], t.reshape(-1)) for a, t in x.parts]
-        else:
-            buf = self._pinned(self.grad_host, g, x)
-            pieces = [(buf, x.reshape(-1))]
-        if not self.cuda or not any(t.device.type == "cuda" for _, t in pieces):
-            for dst, src in pieces:
-                dst.copy_(src)
+    def _to_host(self, g: str, x: torch.Tensor, job: _Job) -> None:
+        """Copy group ``g``'s flat gradient out (asynchronously from a GPU)."""
+        buf = self._pinned(self.grad_host, g, x)
+        src = x.reshape(-1)
+        if not self.cuda or src.device.type != "cuda":
+            buf.copy_(src)
             return
         with torch.cuda.stream(self.d2h):
-            for dst, src in pieces:
-                dst.copy_(src, non_blocking=True)
-                src.record_stream(self.d2h)
+            buf.copy_(src, non_blocking=True)
+            src.record_stream(self.d2h)
             job.d2h[g] = self.d2h.record_event()
-        if isinstance(x, _Parts):
-            # The leaves' gradients may go now: record_stream keeps their memory from reuse until
-            # the copy has read them, and nothing else reads them.
-            x.parts = []
 
     def _to_params(self, g: str, dst: torch.Tensor) -> None:
         src = self.stage[g]
@@ -223,38 +221,22 @@ class HostUpdater:
     # --- the step -------------------------------------------------------------------------------
     def _issue(self, job: _Job, g: str, grad: torch.Tensor, param: torch.Tensor, delayed: bool) -> None:
         """Start group ``g``'s gradient copy and hand the group to the worker."""
+        self._tell("issue", g)
         if g not in self.stage or self.stage[g].numel() != param.numel():
             self.stage[g] = self._stage_for(param, delayed)
         self._to_host(g, grad, job)
         job.issued.add(g)
         job.put(g)
 
-    def begin(self, groups: list[str], params: dict[str, torch.Tensor], update, order=None) -> Callable:
+    def begin(self, groups: list[str], params: dict[str, torch.Tensor], update, order=None) -> "_Stream":
         """Stream this step's update from inside backward (not with ``delayed``).
 
-        Returns ``hook(g, grad)`` to call as each group's gradient becomes final; :meth:`run`
+        Returns a :class:`_Stream` to call as each group's gradient becomes final; :meth:`run`
         then only copies the parameters back as groups finish. ``order``: see :class:`_Job`.
         """
         job = self.live = _Job(list(groups), order)
         self.pool.submit(self._work, job, update)
-
-        hosted = set(groups)
-
-        def hook(g: str, grad) -> None:
-            """``grad``: the group's flat gradient, or ``_Parts`` (its leaves' gradients)."""
-            if g not in hosted:  # its state is on the device: it updates after backward
-                return
-            dev = grad.parts[0][1].device if isinstance(grad, _Parts) else grad.device
-            if self.cuda and dev.type == "cuda":
-                self.d2h.wait_stream(torch.cuda.current_stream(dev))  # backward's stream
-            self._issue(job, g, grad, params[g], False)
-
-        def abort() -> None:
-            self.live = None
-            job.put(None)
-
-        hook.abort = abort
-        return hook
+        return _Stream(self, job, set(groups), params)
 
     def run(
         self,
@@ -346,8 +328,11 @@ class HostUpdater:
                     if ev is not None:
                         ev.synchronize()  # the last copy out of the staging buffer has finished
                     t0 = time.perf_counter()
+                    if self.slowdown:
+                        time.sleep(self.slowdown)
                     update(g, self.grad_host[g], self.stage[g])
                     self.stats["update_s"] += time.perf_counter() - t0
+                    self._tell("update", g)
                     job.done.put(g)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             job.error = e
@@ -382,6 +367,11 @@ class HostUpdater:
             for g in list(a.params):
                 self.wait_group(g)
 
+    @property
+    def pending(self) -> bool:
+        """Whether an async or delayed update is still to be waited for."""
+        return self.ahead is not None or self.job is not None
+
     def sync(self) -> None:
         """Finish a delayed or async update: wait for it and copy its parameters in."""
         self.drain_ahead()
@@ -396,16 +386,116 @@ class HostUpdater:
             self.finish()
 
 
-@torch.compiler.disable  # host-side waiting: a graph break in a compiled step
-def sync(state):
-    """Wait for work a step left running (the delayed or async host update); returns ``state``.
+class _Stream:
+    """Hands groups to a host update that started before backward, as their gradients become final."""
 
-    Needed only with ``zero(..., delayed_update=True)`` or ``async_update=True`` before reading
-    ``state.params``, ``state.master`` or ``state.opt_state`` yourself; ``save_state`` and
-    ``gather_params`` call it. A collective in
-    stages 1-2 on several ranks (the new parameter shards are all-gathered): call it on every rank.
+    def __init__(self, host: HostUpdate, job: _Job, hosted: set, params: dict) -> None:
+        self.host, self.job, self.hosted, self.params = host, job, hosted, params
+
+    def __call__(self, g: str, grad: torch.Tensor) -> None:
+        if g not in self.hosted:  # its state is on the device: it updates after backward
+            return
+        if self.host.cuda and grad.device.type == "cuda":
+            self.host.d2h.wait_stream(torch.cuda.current_stream(grad.device))  # backward's stream
+        self.host._issue(self.job, g, grad, self.params[g], False)
+
+    def abort(self) -> None:
+        """The step failed: the worker stops waiting for gradients that will not come."""
+        self.host.live = None
+        self.job.put(None)
+
+
+# --- the pipelined update of a step -------------------------------------------------------------
+def _files_of(pl, key: str, g: str, tree) -> list[torch.Tensor]:
+    """The leaves of group ``g`` in ``tree`` whose kind writes copies (NVMe files)."""
+    kind = pl.kind_of(key, g)
+    if not kind.copies:
+        return []
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace="funzero")
+    return [t for path, t in zip(paths, leaves) if isinstance(t, torch.Tensor) and t.dim() > 0 and g in path
+            and kind.holds(key, t)]
+
+
+def group_update(pl, master: dict, gw, grad_scale, found_inf, info, swaps: dict) -> Callable:
+    """``update(g, grad_on_host, param_out)``: one group's host update (run by the worker).
+
+    Leaves of a kind that writes copies (NVMe) are copied, the copies updated and committed
+    (renamed over the files: a crash leaves the previous state whole); the committed leaves are
+    recorded in ``swaps`` (``id(old leaf) -> new leaf``) for the step to put into the new state.
+    The next group's leaves are advised for read-ahead while this one updates.
     """
-    up = _UPDATERS.get(id(state.binding))
-    if up is not None:
-        up.sync()
-    return state
+    order = list(reversed(list(master)))  # the order backward produces groups
+
+    def update(g: str, grad: torch.Tensor, out: torch.Tensor) -> None:
+        nxt = order[(order.index(g) + 1) % len(order)]
+        for t in _files_of(pl, "opt_state", nxt, (master, gw.state)):
+            pl.kind_of("opt_state", nxt).prefetch(t)
+        kind = pl.kind_of("opt_state", g)
+        pending = {id(t): (t, kind.begin_write(t)) for t in _files_of(pl, "opt_state", g, (master, gw.state))}
+
+        def mine(t):
+            return pending[id(t)][1] if isinstance(t, torch.Tensor) and id(t) in pending else t
+
+        st = optree.tree_map(mine, gw.state, namespace="funzero")
+        gw.apply({g: grad}, st, {g: mine(master[g])}, param_out={g: out},
+                 grad_scale=grad_scale, found_inf=found_inf, info=info)
+        for old, copy in pending.values():
+            swaps[id(old)] = kind.commit(copy)
+
+    return update
+
+
+def update_offloaded(pl, host: HostUpdate, job, gw, grads: dict, grad_scale, found_inf, *, delayed: bool, ahead: bool):
+    """The update of a step whose optimizer state lives (at least partly) off the device,
+    pipelined per group. Returns ``(new optimizer state, new master)``; the parameters are
+    updated in place (or, with ``ahead`` or ``delayed``, will be).
+
+    ``job`` is the step's :class:`funzero._update.UpdateJob`.
+    """
+    master, info = job.master, job.info
+    prefix, last, last_state, join = gw
+    new_prefix = None
+    if prefix is not None:  # e.g. clipping: over all groups, on the device, before the copies
+        grads, new_prefix, grad_scale = prefix(grads, master, info, grad_scale)
+    # The host reads these anyway: one sync, with fp16 loss scaling or folded clipping only.
+    host_scale = None if grad_scale is None else grad_scale.to("cpu")
+    host_inf = None if found_inf is None else found_inf.to("cpu")
+    swaps = job.committed
+    update = group_update(pl, master, gw, host_scale, host_inf, info, swaps)
+    params_own = job.params_own
+    # The new optimizer state (counts advanced; moments are updated in place, group by group).
+    new_opt = join(new_prefix, last({}, last_state, {}, found_inf=host_inf, info=info))
+    hosted = [g for g in master if pl.offloaded("opt_state", g)]
+    on_device = [g for g in master if g not in hosted]
+    finish = None if job.gather is None else functools.partial(job.gather, hosted)
+
+    def meanwhile() -> None:
+        """Groups whose state stays on the device update there while the host works."""
+        if not on_device:
+            return
+        out = {}
+        for g in on_device:  # stage-3 params on the host: written through a device copy
+            t = params_own[g]
+            out[g] = t if t.device == master[g].device else torch.empty_like(t, device=master[g].device)
+        last({g: grads[g] for g in on_device}, last_state, {g: master[g] for g in on_device}, param_out=out,
+             grad_scale=grad_scale, found_inf=found_inf, info=info)
+        for g in on_device:
+            if out[g] is not params_own[g]:
+                params_own[g].copy_(out[g])
+        if job.gather is not None:
+            job.gather(on_device)
+
+    order = job.forward_order if ahead else None
+    if ahead and job.gather is not None:
+        ahead = lambda g: job.gather([g])  # noqa: E731 - stages 1-2: all-gather each group once it is in
+    host.run({g: grads[g] for g in hosted}, {g: params_own[g] for g in hosted}, update,
+             delayed=delayed, finish=finish, meanwhile=meanwhile, ahead=ahead, order=order)
+    if swaps:  # NVMe: the new state maps the committed files
+
+        def swap(t):
+            return swaps.get(id(t), t) if isinstance(t, torch.Tensor) else t
+
+        master = {g: swap(t) for g, t in master.items()}
+        new_opt = optree.tree_map(swap, new_opt, namespace="funzero")
+    return new_opt, master
+
