@@ -30,9 +30,11 @@ Systems (``--systems``, comma list; the first is the reference, run again after 
                    funzero.ops.patch(model, kernels=--patch-kernels) (funzero's RMSNorm, SwiGLU, rope
                    and loss kernels; "not available" where this funzero has no patch); -cg: fz.cuda_graph
 
-Method: the parent process runs one child process per (model, system), each with its own inductor
-and Triton cache directory (``--warm-cache`` shares one), so no compile cache, allocator state or
-monkey-patch leaks between systems, and first steps are cold. ``--burn S`` runs S seconds of
+Method: the parent process runs one child process per (model, system), each with an empty inductor
+and Triton cache directory of its own, so no compile cache, allocator state or monkey-patch leaks
+between systems, and first steps are cold; the closing reference run reuses the first reference
+run's cache (the same kernels; its first step is then not cold), ``--warm-cache`` gives every
+child the environment's cache. ``--burn S`` runs S seconds of
 8192^3 bf16 matmuls in a process of its own before the first system; ``--reheat S`` runs S
 seconds of them inside each child just before its last warm-up step (every system compiles for
 up to minutes with the GPU idle, so one burn at the start has cooled by the next system).
@@ -328,10 +330,9 @@ def launch(args, model: str, system: str, index: int, timeout: float, cache: str
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     t0 = time.perf_counter()
     tail: collections.deque = collections.deque(maxlen=20)
-    with open(os.path.join(args.out, "logs", tag + ".log"), "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-
+    with open(os.path.join(args.out, "logs", tag + ".log"), "w") as logf, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=True) as proc:
         def pump():
             for line in proc.stdout:
                 sys.stdout.write(line)

@@ -5,12 +5,13 @@
 # per system, the first system again at the end (A-B-A). Stops starting systems so that the whole
 # run ends within DEADLINE seconds (the closing reference run is kept).
 #   MODELS=llama-1b SYSTEMS=torch-compile,liger,fz2,fz2-patched benchmarks/hf_models.sh $OUT
-# Device tool: carry [".whl"]; one call of at most 10 minutes, so one model and ~5 systems a call.
+# Device tool: carry [".whl"]; one call of at most 10 minutes, so one model and ~5 systems a call
+# (estimates and a plan of calls: benchmarks/NOTES.md, hf_models).
 set -eu
 cd "$(dirname "$0")/.."
 out=${1:-runs}/hf_models
 MODELS=${MODELS:-llama-1b}
-SYSTEMS=${SYSTEMS:-torch-compile,liger,liger-compile,fz2,fz2-patched}
+SYSTEMS=${SYSTEMS:-torch-compile,liger,fz2,fz2-patched,ds-zero2,liger-compile}
 BURN=${BURN:-30}          # seconds of matmuls before the first system (its own process)
 REHEAT=${REHEAT:-10}      # seconds of matmuls in each system's process before its last warm-up step
 DEADLINE=${DEADLINE:-540} # seconds for hf_models.py; the device call's limit is 600
