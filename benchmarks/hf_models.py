@@ -417,7 +417,7 @@ def run_model(args, model: str, systems: list[str], left, done: list[dict]) -> l
         for k, s in enumerate(order):
             closing = k == len(order) - 1 and k > 0 and s == systems[0] and not args.no_aba
             budget = left() if closing else left() - reserve
-            if budget < 30:
+            if budget < (5 if closing else 30):  # the closing run has its time reserved
                 ts.log(f"{model} {s}: skipped, {left():.0f} s left of the deadline (the closing reference needs {reserve:.0f})")
                 rows.append(dict(model=model, system=s, status="skipped: deadline", error="deadline", index=index + k))
                 continue
