@@ -67,7 +67,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -395,16 +394,16 @@ def table(rows):
         t.add_row(r["model"], r["system"], "ok", f"{r['tokens_per_s']:,.0f}",
                   f"{vs[id(r)]:.3f}x" if id(r) in vs else "", f"{r['ms']:.1f}", f"{r['mfu'] * 100:.1f}%",
                   f"{r['mfu_ceiling'] * 100:.1f}%" if ceil else "", f"{ceil:.0f}" if ceil else "",
-                  f"{r['peak_gib']:.2f}",
-                  f"{r['first_step_s']:.1f}" + ("" if r.get("compile_cache") == "cold" else "*"), f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}")
+                  f"{r['peak_gib']:.2f}", f"{r['first_step_s']:.1f}" + ("" if r.get("compile_cache") == "cold" else "*"),
+                  f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}")
     return t
 
 
 def run_model(args, model: str, systems: list[str], left, done: list[dict]) -> list[dict]:
     """Every system on ``model`` in processes of their own, the first again at the end (A-B-A);
-    ``left()`` is the time left of the deadline, ``done`` the rows of the models before. Each system compiles cold in a cache of its own;
-    the closing reference reuses the first reference run's, so its kernels are the same (its
-    first step is then not cold: its row says so)."""
+    ``left()`` is the time left of the deadline, ``done`` the rows of the models before. Each
+    system compiles cold in a cache of its own; the closing reference reuses the first reference
+    run's, so its kernels are the same (its first step is then not cold: its row says so)."""
     order = systems + ([systems[0]] if len(systems) > 1 and not args.no_aba else [])
     reserve = 0.0  # what the closing reference run needs: as long as its first run took
     rows: list[dict] = []
