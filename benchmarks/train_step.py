@@ -77,17 +77,23 @@ def compiler(funzero_system: bool):
 
 # --- systems: each returns (step(i) -> loss tensor, cleanup) ------------------------------------
 def torch_system(cfg, data, device, compiled: bool, graphed: bool = False):
-    """Plain PyTorch: autocast bf16, fused AdamW. ``graphed``: the whole step (forward, backward,
-    optimizer) recorded as one CUDA graph after 3 warm-up steps, PyTorch's whole-network capture
-    recipe (capturable AdamW, static input buffers)."""
+    """Plain PyTorch on the GPT (torch ops): see :func:`torch_step`."""
     model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device)
+    return torch_step(model, lambda fwd, x, y: fwd(x, y), data, device, compiled, graphed)
+
+
+def torch_step(model, forward, data, device, compiled: bool, graphed: bool = False):
+    """Plain PyTorch: ``model``'s fp32 parameters, autocast bf16, fused AdamW; ``forward(module,
+    *batch)`` gives the loss. ``graphed``: the whole step (forward, backward, optimizer) recorded
+    as one CUDA graph after 3 warm-up steps, PyTorch's whole-network capture recipe (capturable
+    AdamW, static input buffers)."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=device.type == "cuda",
                             capturable=graphed)
     fwd = compiler(False)(model) if compiled else model
 
     def train(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphed):
-            loss = fwd(x, y)
+            loss = forward(fwd, x, y)
         loss.backward()
         if CLIP:
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
@@ -127,10 +133,15 @@ def torch_system(cfg, data, device, compiled: bool, graphed: bool = False):
 
 
 def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool = False, compile_blocks: bool = False):
-    """DeepSpeed's engine; ``offload`` moves the optimizer to the CPU with its DeepSpeedCPUAdam."""
-    import deepspeed
-
+    """DeepSpeed's engine on the GPT (torch ops): see :func:`deepspeed_step`."""
     model = make_model(GPTConfig(**{**cfg.__dict__, "fused": False}), device, compile_blocks)
+    return deepspeed_step(model, lambda engine, x, y: engine(x, y), data, stage, batch, offload=offload)
+
+
+def deepspeed_config(stage: int, batch: int, *, offload: bool = False) -> dict:
+    """The DeepSpeed config of every ``ds-zero{k}`` system: bf16, ZeRO stage ``stage`` with
+    overlapped, contiguous gradients, AdamW; ``offload`` moves the optimizer to the CPU with its
+    DeepSpeedCPUAdam."""
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     params = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}
     if offload:
@@ -147,11 +158,19 @@ def deepspeed_system(cfg, data, device, stage: int, batch: int, *, offload: bool
         "gradient_clipping": CLIP,
         "wall_clock_breakdown": False,
     }
+    return config
+
+
+def deepspeed_step(model, forward, data, stage: int, batch: int, *, offload: bool = False, config: dict | None = None):
+    """``deepspeed.initialize`` over ``model`` with :func:`deepspeed_config` (or ``config``);
+    ``forward(engine, *batch)`` gives the loss."""
+    import deepspeed
+
+    config = config or deepspeed_config(stage, batch, offload=offload)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
     def step(i):
-        x, y = data[i]
-        loss = engine(x, y)
+        loss = forward(engine, *data[i])
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -163,7 +182,20 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
                    compile_blocks: bool = False, async_update: bool = False, graphed: bool = False,
                    leaf_grads: bool = True):
     model = make_model(cfg, device, compile_blocks)
-    plan = fz.zero(stage, groups=[r"blocks\.(\d+)\."], placement=placement or {}, delayed_update=delayed_update,
+
+    def loss_fn(apply, batch):
+        x, y = batch
+        return apply(x, y)
+
+    return funzero_step(model, loss_fn, data, device, stage, compiled, groups=[r"blocks\.(\d+)\."], placement=placement,
+                        delayed_update=delayed_update, async_update=async_update, graphed=graphed, leaf_grads=leaf_grads)
+
+
+def funzero_step(model, loss_fn, data, device, stage: int, compiled: bool, *, groups, placement=None,
+                 delayed_update=False, async_update: bool = False, graphed: bool = False, leaf_grads: bool = True):
+    """funzero stage ``stage`` over ``model`` (groups by the ``groups`` rules), bf16 params + fp32
+    master on a GPU (fp32 on the CPU), its AdamW; ``compiled``: the whole step under fz.compile."""
+    plan = fz.zero(stage, groups=groups, placement=placement or {}, delayed_update=delayed_update,
                    async_update=async_update)
     tx = fz.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
     if CLIP:
@@ -172,11 +204,6 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-    def loss_fn(apply, batch):
-        x, y = batch
-        return apply(x, y)
-
     step_fn = fz.testing.set_leaf_grads(fz.train_step(model, loss_fn, tx, plan), leaf_grads)
     if compiled:
         step_fn = compiler(True)(step_fn)
@@ -251,15 +278,8 @@ def run(system, model_name, args, device) -> dict:
         losses.append(step(i))
     sync(device)
     t_warm = time.perf_counter() - t_build
-    start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else (None, None)
-    t0 = time.perf_counter()
-    if start is not None:
-        start.record()
-    for i in range(warm, args.steps):
-        losses.append(step(i))
-    if end is not None:
-        end.record()
-    sync(device)
+    timed, ms = timed_steps(step, warm, args.steps, device)
+    losses += timed
     if system in args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -271,7 +291,6 @@ def run(system, model_name, args, device) -> dict:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "22")), max_name_column_width=60))
         summary = save_trace(prof, os.path.join(args.out, f"trace_{model_name}_{system}.json"), steps=2)
         print(json.dumps(summary, indent=1))
-    ms = start.elapsed_time(end) / args.timed if start is not None else (time.perf_counter() - t0) * 1e3 / args.timed
     model = GPT(GPTConfig(**{**cfg.__dict__}))  # CPU, only for the FLOP count
     flops_tok = model.flops_per_token()
     n_params = model.num_params()
@@ -282,6 +301,22 @@ def run(system, model_name, args, device) -> dict:
         mfu=tok_s * flops_tok / PEAK_FLOPS, peak_gib=(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0),
         loss_first=float(losses[0]), loss_last=float(losses[-1]), warmup_s=t_warm,
     )
+
+
+def timed_steps(step, first: int, stop: int, device) -> tuple[list, float]:
+    """Run ``step(i)`` for ``first <= i < stop``; return the losses (device tensors) and the mean
+    ms a step: CUDA events around the loop on a GPU (no host sync inside), wall clock on the CPU."""
+    cuda = device.type == "cuda"
+    start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
+    t0 = time.perf_counter()
+    if cuda:
+        start.record()
+    losses = [step(i) for i in range(first, stop)]
+    if cuda:
+        end.record()
+    sync(device)
+    ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3
+    return losses, ms / (stop - first)
 
 
 def save_trace(prof, path: str, steps: int) -> dict:
@@ -367,7 +402,8 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, path, title: str = "GPT-2 {}"):
+    """A bar chart of tokens/s per system, one panel per model (``title.format(model)``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,17 +418,19 @@ def plot(rows, path):
             seen[r["system"]] = seen.get(r["system"], 0) + 1
             rs[r["system"] + (f" (run {seen[r['system']]})" if seen[r["system"]] > 1 else "")] = r["tokens_per_s"]
         names = list(rs)
-        colors = ["tab:orange" if n.startswith("fz") else ("tab:gray" if n.startswith("ds") else "tab:blue") for n in names]
+        colors = [next((c for pre, c in (("fz", "tab:orange"), ("ds", "tab:gray"), ("liger", "tab:green")) if n.startswith(pre)),
+                       "tab:blue") for n in names]
         ax.barh(names, [rs[n] / 1e3 for n in names], color=colors)
-        ax.set_title(f"GPT-2 {m}")
+        ax.set_title(title.format(m))
         ax.set_xlabel("thousand tokens / s (one GPU)")
         ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def burn(seconds: float) -> None:
-    """Run 8192^3 bf16 matmuls for ``seconds``, logging their rate at the start and the end."""
+def burn(seconds: float, what: str = "burn") -> list[float]:
+    """Run 8192^3 bf16 matmuls for ``seconds``, logging their rate at the start and the end;
+    return the rate (TFLOP/s) of each batch of 20."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     t0, rates = time.perf_counter(), []
@@ -404,9 +442,20 @@ def burn(seconds: float) -> None:
         end.record()
         end.synchronize()
         rates.append(20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12)
-    log(f"burn: {seconds:.0f} s of matmuls, {rates[0]:.0f} TFLOP/s at the start, {rates[-1]:.0f} at the end")
+    log(f"{what}: {seconds:.0f} s of matmuls, {rates[0]:.0f} TFLOP/s at the start, {rates[-1]:.0f} at the end")
     del a, b
     torch.cuda.empty_cache()
+    return rates
+
+
+def init_process_group(device, port: int = 29533) -> None:
+    """A one-process torch.distributed group (DeepSpeed needs one): NCCL on a GPU, gloo on the CPU."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def main(argv=None):
@@ -434,12 +483,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     systems = args.systems.split(",")
     if any(s.startswith("ds-") for s in systems) and not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group(device)
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     if args.burn > 0 and device.type == "cuda":
         burn(args.burn)
