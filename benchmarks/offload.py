@@ -98,7 +98,8 @@ def run(system, cfg, batch, args, device, placement=None):
     torch.cuda.synchronize()
     t_warm = time.perf_counter() - t0
     def worker_s(k: str) -> float:
-        return fz.testing.host_stats(step.box["state"])[k]
+        box = getattr(step, "box", None)  # funzero systems: their live state (DeepSpeed has none)
+        return fz.testing.host_stats(box["state"])[k] if box is not None else 0.0
 
     before = {k: worker_s(k) for k in ("update_s", "forward_wait_s")}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
