@@ -16,6 +16,7 @@ from ._cross_entropy import cross_entropy
 from ._dispatch import backend, get_backend
 from ._gelu import bias_gelu, linear_gelu
 from ._heads import linear_qkv
+from ._linear_cross_entropy import linear_cross_entropy
 from ._norms import layer_norm, residual_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
 
@@ -29,6 +30,7 @@ __all__ = [
     "get_backend",
     "host_threads",
     "layer_norm",
+    "linear_cross_entropy",
     "linear_gelu",
     "linear_qkv",
     "nonfinite_",
