@@ -19,6 +19,7 @@ from ._heads import linear_qkv
 from ._linear_cross_entropy import linear_cross_entropy
 from ._norms import layer_norm, residual_norm, rms_norm
 from ._quant import dequantize_int8, quantize_int8
+from ._rope import rope
 from ._swiglu import swiglu
 
 __all__ = [
@@ -39,5 +40,6 @@ __all__ = [
     "reference",
     "residual_norm",
     "rms_norm",
+    "rope",
     "swiglu",
 ]

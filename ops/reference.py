@@ -13,7 +13,8 @@ from ._norms import layer_norm_reference as layer_norm
 from ._norms import rms_norm_reference as rms_norm
 from ._quant import dequantize_int8_reference as dequantize_int8
 from ._quant import quantize_int8_reference as quantize_int8
+from ._rope import rope_reference as rope
 from ._swiglu import swiglu_reference as swiglu
 
 __all__ = ["adamw_", "bias_gelu", "cross_entropy", "dequantize_int8", "layer_norm", "linear_cross_entropy",
-           "nonfinite_", "quantize_int8", "rms_norm", "swiglu"]
+           "nonfinite_", "quantize_int8", "rms_norm", "rope", "swiglu"]
