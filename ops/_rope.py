@@ -12,9 +12,9 @@ backward:
     dx1 = dy1 c1 + dy2 s2,  dx2 = dy2 c2 - dy1 s1
 
 so one kernel with a ``BACKWARD`` switch does both, and the custom op's gradient is the same op
-with the switch flipped. One program per (batch, position) loads that position's ``cos`` and
-``sin`` once and rotates every query head and every key head (GQA's fewer key heads included),
-in fp32 with one rounding per output. Inputs may have any strides with a unit last stride (the
+with the switch flipped. Each program takes a run of positions of one sequence and rotates every
+query head and every key head there (GQA's fewer key heads included), in fp32 with one rounding
+per output. Inputs may have any strides with a unit last stride (the
 ``view(...).transpose(1, 2)`` heads HF makes are read in place); outputs take the inputs'
 layout (``empty_like``).
 
@@ -22,13 +22,18 @@ Unfused, autograd runs ~6 elementwise kernels per tensor each way, and ``rotate_
 materialises a copy; in bf16 each of them rounds.
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from ._dispatch import cast_to, direct_call, next_pow2, tl, triton, use_triton
+from ._dispatch import INTERPRET, cast_to, cdiv, direct_call, next_pow2, tl, triton, use_triton
 
 __all__ = ["rope", "rope_reference"]
 
+# Query elements (half rows) per program: 2048 on a GPU is one position of 32 heads of 128, or
+# several positions of fewer heads; the interpreter pays per program, so it takes whole sequences.
+_TILE = 65536 if INTERPRET else 2048
 _NUM_WARPS = 4
 
 
@@ -36,22 +41,24 @@ _NUM_WARPS = 4
 
 
 @triton.jit
-def _rotate_heads(src_ptr, dst_ptr, s_h, d_h, c1, c2, s1, s2, NH, HALF,
-                  BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    # src_ptr / dst_ptr point at head 0, dim 0 of one (b, t); s_h, d_h: head strides.
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (heads < NH)[:, None] & (dims < HALF)[None, :]
-    src = src_ptr + heads[:, None].to(tl.int64) * s_h + dims[None, :]
-    dst = dst_ptr + heads[:, None].to(tl.int64) * d_h + dims[None, :]
+def _rotate_heads(src_ptr, dst_ptr, s_h, s_t, d_h, d_t, c1, c2, s1, s2, t0, T, NH, HALF,
+                  BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A (BLOCK_T, BLOCK_H, BLOCK_D) tile: positions from t0, heads, the first half's dims.
+    # src_ptr / dst_ptr point at this program's batch row; c1..s2 are (BLOCK_T, 1, BLOCK_D) fp32.
+    t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None, None]
+    h = tl.arange(0, BLOCK_H).to(tl.int64)[None, :, None]
+    dims = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (t < T) & (h < NH) & (dims < HALF)
+    src = src_ptr + t * s_t + h * s_h + dims
+    dst = dst_ptr + t * d_t + h * d_h + dims
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
-        y1 = x1 * c1[None, :] + x2 * s2[None, :]
-        y2 = x2 * c2[None, :] - x1 * s1[None, :]
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
     else:
-        y1 = x1 * c1[None, :] - x2 * s1[None, :]
-        y2 = x2 * c2[None, :] + x1 * s2[None, :]
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
     tl.store(dst, cast_to(y1, dst_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, cast_to(y2, dst_ptr.dtype.element_ty), mask=mask)
 
@@ -61,23 +68,24 @@ def _rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,  # q, qo: (B, NQ, T, 2 HALF); k, ko: (B, NK, T, 2 HALF)
     T, NQ, NK, HALF,  # cos, sin: (B, T, 2 HALF), batch stride 0 when shared
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, sc_b, sc_t, ss_b, ss_t,
-    BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // T).to(tl.int64)
-    t = (pid % T).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dmask = dims < HALF
-    c_row = cos_ptr + b * sc_b + t * sc_t + dims
+    t0 = tl.program_id(0) * BLOCK_T  # positions on axis 0: a long sequence may need more than 65535 tiles
+    b = tl.program_id(1).to(tl.int64)
+    t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None, None]
+    dims = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = (t < T) & (dims < HALF)
+    c_row = cos_ptr + b * sc_b + t * sc_t + dims  # (BLOCK_T, 1, BLOCK_D): one row per position, for all heads
     s_row = sin_ptr + b * ss_b + t * ss_t + dims
-    c1 = tl.load(c_row, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(c_row + HALF, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(s_row, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(s_row + HALF, mask=dmask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, sq_h, sqo_h,
-                  c1, c2, s1, s2, NQ, HALF, BACKWARD, BLOCK_HQ, BLOCK_D)
-    _rotate_heads(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, sk_h, sko_h,
-                  c1, c2, s1, s2, NK, HALF, BACKWARD, BLOCK_HK, BLOCK_D)
+    c1 = tl.load(c_row, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_row, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr + b * sq_b, qo_ptr + b * sqo_b, sq_h, sq_t, sqo_h, sqo_t, c1, c2, s1, s2,
+                  t0, T, NQ, HALF, BACKWARD, BLOCK_T, BLOCK_HQ, BLOCK_D)
+    _rotate_heads(k_ptr + b * sk_b, ko_ptr + b * sko_b, sk_h, sk_t, sko_h, sko_t, c1, c2, s1, s2,
+                  t0, T, NK, HALF, BACKWARD, BLOCK_T, BLOCK_HK, BLOCK_D)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -101,11 +109,13 @@ def _rope_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: 
     NK = kv.shape[1]
     cos, sin = cos.expand(B, T, D), sin.expand(B, T, D)  # a shared batch row gets stride 0
     if B * T:
-        _rope_kernel[(B * T,)](
+        block_hq, block_hk, block_d = next_pow2(NQ), next_pow2(NK), next_pow2(D // 2)
+        block_t = max(1, min(next_pow2(T), _TILE // (block_hq * block_d)))
+        _rope_kernel[(cdiv(T, block_t), B)](
             qv, kv, qov, kov, cos, sin, T, NQ, NK, D // 2,
             *qv.stride()[:3], *kv.stride()[:3], *qov.stride()[:3], *kov.stride()[:3], *cos.stride()[:2],
-            *sin.stride()[:2], BACKWARD=backward, BLOCK_HQ=next_pow2(NQ), BLOCK_HK=next_pow2(NK),
-            BLOCK_D=next_pow2(D // 2), num_warps=_NUM_WARPS)
+            *sin.stride()[:2], BACKWARD=backward, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+            BLOCK_D=block_d, num_warps=_NUM_WARPS)
     return qo, ko
 
 
@@ -172,24 +182,26 @@ class _Rope(torch.autograd.Function):
 # --------------------------------------------------------------------------- public API
 
 
-def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -> None:
+def mismatch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -> Optional[str]:
+    """Why :func:`rope` cannot take these arguments, or None when it can (``funzero.ops.patch`` asks
+    before it hands a call to the kernel, and leaves the others to HF's own function)."""
     if unsqueeze_dim not in (1, 2):
-        raise ValueError(f"unsqueeze_dim must be 1 (q, k as (B, heads, T, hd)) or 2 ((B, T, heads, hd)), "
-                         f"got {unsqueeze_dim=}")
+        return f"unsqueeze_dim must be 1 (q, k as (B, heads, T, hd)) or 2 ((B, T, heads, hd)), got {unsqueeze_dim=}"
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be 4-D, got {tuple(q.shape)=}, {tuple(k.shape)=}")
+        return f"q and k must be 4-D, got {tuple(q.shape)=}, {tuple(k.shape)=}"
     qv, kv = _heads_view(q, unsqueeze_dim), _heads_view(k, unsqueeze_dim)
     B, _, T, D = qv.shape
     if kv.shape[0] != B or kv.shape[2] != T or kv.shape[3] != D:
-        raise ValueError(f"k must match q's batch, positions and head size, got {tuple(q.shape)=}, "
-                         f"{tuple(k.shape)=} with {unsqueeze_dim=}")
+        return (f"k must match q's batch, positions and head size, got {tuple(q.shape)=}, {tuple(k.shape)=} "
+                f"with {unsqueeze_dim=}")
     if D % 2:
-        raise ValueError(f"the head size must be even, got {D} (q {tuple(q.shape)})")
+        return f"the head size must be even, got {D} (q {tuple(q.shape)})"
     if q.dtype != k.dtype or not q.dtype.is_floating_point:
-        raise ValueError(f"q and k must share one floating dtype, got {q.dtype=}, {k.dtype=}")
+        return f"q and k must share one floating dtype, got {q.dtype=}, {k.dtype=}"
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (T, D):
-            raise ValueError(f"{name} must be ({B} or 1, {T}, {D}) for q {tuple(q.shape)}, got {tuple(t.shape)}")
+            return f"{name} must be ({B} or 1, {T}, {D}) for q {tuple(q.shape)}, got {tuple(t.shape)}"
+    return None
 
 
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
@@ -214,7 +226,9 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1)
     References:
         Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021.
     """
-    _check(q, k, cos, sin, unsqueeze_dim)
+    problem = mismatch(q, k, cos, sin, unsqueeze_dim)
+    if problem:
+        raise ValueError(problem)
     if not use_triton(q) or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
     if direct_call(q, k, cos, sin):

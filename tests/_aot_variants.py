@@ -18,11 +18,11 @@ def variants():
            dict(BLOCK=2048), ("dy_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr", "n"), True)
     strides = {f"s{t}_{d}": "i32" for t in ("q", "k", "qo", "ko") for d in "bht"}
     strides.update({f"s{t}_{d}": "i32" for t in "cs" for d in "bt"})
-    for backward in (False, True):  # Llama-3 8B heads: 32 query, 8 key heads of 128
+    for backward, block_t, hq, hk in ((False, 1, 32, 8), (True, 4, 8, 2)):  # 32 heads of 128 (GQA: 8); 8 of 64
         yield (_rope._rope_kernel,
                dict(q_ptr=bf16, k_ptr=bf16, qo_ptr=bf16, ko_ptr=bf16, cos_ptr=bf16, sin_ptr=bf16, T="i32", NQ="i32",
                     NK="i32", HALF="i32", **strides),
-               dict(BACKWARD=backward, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64),
+               dict(BACKWARD=backward, BLOCK_T=block_t, BLOCK_HQ=hq, BLOCK_HK=hk, BLOCK_D=64 if hq == 32 else 32),
                ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "cos_ptr", "sin_ptr", "HALF", *strides), True)
 
 
