@@ -60,8 +60,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk: the largest power of two whose (rows, vocab) logits fit in 256 MiB, at most
     ``num_rows`` (and at least 1)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    fit = max(1, _CHUNK_BYTES // max(1, vocab * itemsize))
+    fit = max(1, _CHUNK_BYTES // max(1, vocab * dtype.itemsize))
     return max(1, min(1 << (fit.bit_length() - 1), num_rows))
 
 

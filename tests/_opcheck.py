@@ -28,13 +28,13 @@ def eager_matches_custom_op(run, *op_names: str) -> list[str]:
     return recorder.ops
 
 
-def compiles_to_one_graph(fn, args, *, tol: float = 1e-5) -> None:
-    """``torch.compile(fn, fullgraph=True)`` (aot_eager) traces one graph whose value and gradients equal eager's."""
+def compiles_to_one_graph(fn, args, *, tol: float = 1e-5, backend: str = "aot_eager") -> None:
+    """``torch.compile(fn, fullgraph=True)`` traces one graph whose value and gradients equal eager's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     with fo.backend("triton"):
         out = torch.compile(fn, fullgraph=True, backend=counter)(*args)
         got = (out.detach(), *torch.autograd.grad(out, leaves))
