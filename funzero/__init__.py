@@ -6,7 +6,7 @@
     state, metrics = step(state, batch)
 """
 
-from funzero import optim, testing
+from funzero import losses, optim, testing
 from funzero._checkpoint import load_state, save_state
 from funzero._compile import compile
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
@@ -55,6 +55,7 @@ __all__ = [
     "gather_params",
     "init",
     "load_state",
+    "losses",
     "optim",
     "param_count",
     "reduce_scatter",
