@@ -50,9 +50,14 @@ from funzero.optim._schedules import (
     Schedule,
     constant_schedule,
     cosine_decay_schedule,
+    exponential_decay,
     join_schedules,
     linear_schedule,
+    piecewise_constant_schedule,
+    polynomial_schedule,
     warmup_cosine,
+    warmup_cosine_decay_schedule,
+    warmup_exponential_decay_schedule,
 )
 from funzero.optim._transforms import (
     AddDecayedWeightsState,
@@ -148,6 +153,7 @@ __all__ = [
     "constant_schedule",
     "cosine_decay_schedule",
     "ema",
+    "exponential_decay",
     "global_norm",
     "identity",
     "inject_hyperparams",
@@ -163,6 +169,8 @@ __all__ = [
     "nadamw",
     "named_chain",
     "partition",
+    "piecewise_constant_schedule",
+    "polynomial_schedule",
     "radam",
     "rmsprop",
     "scale",
@@ -183,4 +191,6 @@ __all__ = [
     "trace",
     "tree_map",
     "warmup_cosine",
+    "warmup_cosine_decay_schedule",
+    "warmup_exponential_decay_schedule",
 ]
