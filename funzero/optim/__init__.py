@@ -23,6 +23,10 @@ lists, tuples, NamedTuples, with ``None`` an empty subtree. Under the engine the
 ``partition`` (alias ``multi_transform``) labels leaves the same ways, with ``(regex, label)``
 rules in place of regexes.
 
+A mask's form is checked when the transform is built; its match to the leaves is made on the
+first update (under the engine the leaves are known only then; a compiled step makes it while
+tracing, once), and an error there names the leaf or entry that does not match.
+
 **Defaults that differ from optax**: ``adamw(weight_decay=1e-2)`` (torch.optim.AdamW's; optax
 1e-4). Step-dependent scalars (bias corrections) are fp64, not fp32. See
 ``funzero/optim/_transforms.py`` for the full list.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -187,23 +187,24 @@ class LeafRule:
                 raise ValueError(f"{where}: a label rule's regex is invalid ({e}), got param_labels={_short(spec)}") from None
         else:
             self.mode = "tree"
-            self._check_tree(spec, f"{'mask' if kind == 'mask' else 'param_labels'}={_short(spec)}")
+            self._check_tree(spec, lambda: f"{'mask' if kind == 'mask' else 'param_labels'}={_short(spec)}")
 
     # --- what a spec may hold -------------------------------------------------------------
-    def _check_tree(self, spec, shown: str) -> None:
-        kinds = _MASK_KINDS if self.kind == "mask" else _LABEL_KINDS
-        leaves = optree.tree_leaves(spec, none_is_leaf=False, namespace=NS)
-        for leaf in leaves:
+    def _check_tree(self, spec, shown: Callable[[], str]) -> None:
+        # Plain Python, and the message made only on failure: under the engine this runs inside
+        # the (possibly compiled) step, on its first call.
+        for _, leaf in _entries(spec):
             bad = not _is_bool(leaf) if self.kind == "mask" else (isinstance(leaf, torch.Tensor) or callable(leaf))
             if bad:
-                raise ValueError(f"{self.where}: {kinds}; got {shown} (its leaf {_short(leaf)} is a {type(leaf).__name__})")
+                kinds = _MASK_KINDS if self.kind == "mask" else _LABEL_KINDS
+                raise ValueError(f"{self.where}: {kinds}; got {shown()} (its leaf {_short(leaf)} is a {type(leaf).__name__})")
 
     def labels(self) -> set | None:
         """The labels a static spec names (``None`` for a callable)."""
         if self.mode == "rules":
             return {lab for _, lab in self.rules}
         if self.mode == "tree":
-            return set(optree.tree_leaves(self.spec, none_is_leaf=False, namespace=NS))
+            return {v for _, v in _entries(self.spec)}
         return None
 
     # --- per call ---------------------------------------------------------------------------
@@ -221,16 +222,19 @@ class LeafRule:
             return self._first_rule
         if info is None:
             return self._structural(self._call(tree, None) if self.mode == "call" else spec, tree)
-        # Under the engine the answer depends on the layouts alone: resolved once per binding (the
-        # pipelined host update asks once per group).
+        # Under the engine the answer depends on the layouts alone. Eager steps resolve it once
+        # per binding (the pipelined host update asks once per group); a compiled step resolves
+        # it while tracing, once, and keeps no cache it would have to guard on (a recompile).
+        if torch.compiler.is_compiling():
+            return self._resolve(tree, info).__getitem__
         cached = getattr(self, "_resolved", None)
-        if cached is not None and cached[0] is info.layouts:
-            return cached[1]
-        if self.mode == "call":
-            spec = self._call(tree, info)
-        value_of = self._by_path(spec, list(model_leaves(info)))
-        self._resolved = (info.layouts, value_of)
-        return value_of
+        if cached is None or cached[0] is not info.layouts:
+            cached = self._resolved = (info.layouts, self._resolve(tree, info))
+        return cached[1].__getitem__
+
+    def _resolve(self, tree, info) -> dict:
+        spec = self._call(tree, info) if self.mode == "call" else self.spec
+        return self._by_path(spec, list(model_leaves(info)))
 
     def _checked(self, fn):
         if self.kind != "mask":
@@ -254,19 +258,20 @@ class LeafRule:
         what = "mask" if self.kind == "mask" else "param_labels"
         if info is None:
             arg = tree
+            single = len(optree.tree_leaves(arg, none_is_leaf=False, namespace=NS)) == 1
         else:
             arg = {s.path: torch.empty(s.shape, dtype=lay.dtype, device="meta")
                    for lay in info.layouts.values() for s in lay.slots}
-        hint = (f"a callable {what} is optax's params -> pytree; a predicate on leaf paths is spelled "
-                f"optim.by_path(fn), or a regex")
+            single = len(arg) == 1
         try:
             out = self.spec(arg)
         except (TypeError, AttributeError, KeyError) as e:
-            raise ValueError(f"{self.where}: {what}={_short(self.spec)} failed when called with the params tree ({e}); {hint}") from e
-        single = len(optree.tree_leaves(arg, none_is_leaf=False, namespace=NS)) == 1
-        if optree.tree_is_leaf(out, none_is_leaf=False, namespace=NS) and not single:
-            raise ValueError(f"{self.where}: {what}={_short(self.spec)} returned {_short(out)}, not a pytree over the params; {hint}")
-        self._check_tree(out, f"{what}({_short(self.spec)}) returning {_short(out)}")
+            raise ValueError(f"{self.where}: {what}={_short(self.spec)} failed when called with the params tree ({e}); "
+                             f"{_CALL_HINT.format(what=what)}") from e
+        if not single and (out is None or not isinstance(out, (Mapping, list, tuple))):
+            raise ValueError(f"{self.where}: {what}={_short(self.spec)} returned {_short(out)}, not a pytree over the "
+                             f"params; {_CALL_HINT.format(what=what)}")
+        self._check_tree(out, lambda: f"{what}({_short(self.spec)}) returning {_short(out)}")
         return out
 
     def _structural(self, spec, tree):
@@ -276,7 +281,7 @@ class LeafRule:
             full = optree.tree_broadcast_prefix(spec, tree, none_is_leaf=False, namespace=NS)
         except ValueError as e:
             try:
-                return self._by_path(spec, paths)
+                values = self._by_path(spec, paths)
             except ValueError as e2:
                 what = "mask" if self.kind == "mask" else "param_labels"
                 why = str(e).split("; dict:")[0].replace("\n", " ")  # optree's reason, without the tree
@@ -284,31 +289,10 @@ class LeafRule:
                     f"{self.where}: {what}={_short(spec)} matches the params neither by structure ({why}) nor by "
                     f"leaf path ({e2})"
                 ) from None
-        values = dict(zip(paths, optree.tree_leaves(full, none_is_leaf=False, namespace=NS)))
-        return self._lookup(values)
-
-    def _by_path(self, spec, paths: Sequence[str]):
-        entries, values, _ = flatten(spec)
-        table = dict(zip(entries, values))
-        out, used = {}, set()
-        for path in paths:
-            e = path
-            while e not in table and e:
-                e = e.rpartition(".")[0]
-            if e not in table:
-                raise ValueError(f"{self.where}: no entry of {_short(spec)} covers leaf {path!r}")
-            out[path] = table[e]
-            used.add(e)
-        unused = [e for e in table if e not in used]
-        if unused:
-            raise ValueError(
-                f"{self.where}: entry {unused[0]!r} of {_short(spec)} covers no leaf (leaves are e.g. {list(paths)[:3]})"
-            )
-        return self._lookup(out)
-
-    def _lookup(self, values: dict):
-        if self.kind == "mask":
-            values = {k: bool(v) for k, v in values.items()}
+        else:
+            values = dict(zip(paths, optree.tree_leaves(full, none_is_leaf=False, namespace=NS)))
+            if self.kind == "mask":
+                values = {k: bool(v) for k, v in values.items()}
 
         def value_of(path):
             try:
@@ -317,6 +301,45 @@ class LeafRule:
                 raise ValueError(f"{self.where}: leaf {path!r} is not among the leaves the spec was matched to") from None
 
         return value_of
+
+    def _by_path(self, spec, paths: Sequence[str]) -> dict:
+        """``{path: value}``: each path takes the entry at its path or its nearest prefix."""
+        table = dict(_entries(spec))
+        out, used = {}, set()
+        for path in paths:
+            e = path
+            while e not in table and e:
+                e = e.rpartition(".")[0]
+            if e not in table:
+                raise ValueError(f"{self.where}: no entry of {_short(spec)} covers leaf {path!r}")
+            out[path] = bool(table[e]) if self.kind == "mask" else table[e]
+            used.add(e)
+        for e in table:
+            if e not in used:
+                raise ValueError(f"{self.where}: entry {e!r} of {_short(spec)} covers no leaf (leaves are e.g. {list(paths)[:3]})")
+        return out
+
+
+_CALL_HINT = "a callable {what} is optax's params -> pytree; a predicate on leaf paths is spelled optim.by_path(fn), or a regex"
+
+
+def _entries(spec, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted path, leaf)`` of a spec tree (dicts, lists, tuples, NamedTuples; ``None`` holds
+    nothing), named as :func:`flatten` names paths. Plain Python: traceable by torch.compile."""
+    if spec is None:
+        return []
+    if isinstance(spec, Mapping):
+        items = spec.items()
+    elif isinstance(spec, tuple) and hasattr(spec, "_fields"):
+        items = zip(spec._fields, spec)
+    elif isinstance(spec, (list, tuple)):
+        items = enumerate(spec)
+    else:
+        return [(prefix, spec)]
+    out = []
+    for k, v in items:
+        out += _entries(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
 
 
 def _prefix_of(spec, tree) -> bool:
