@@ -80,12 +80,16 @@ def _standalone(make) -> dict:
     return {k: p.detach().clone() for k, p in params.items()}
 
 
-def _train(make, stage, precision):
+def _train(make, stage, precision, backend=None):
+    """``STEPS`` steps of the tiny GPT (fp64 unless ``precision``; ``torch.compile(backend=)``d
+    if given); the gathered parameters."""
     model = tiny_gpt(dtype=DTYPE if precision is None else torch.float32)
     plan = fz.zero(stage, groups=GROUPS)
     tx = make()
     state = fz.init(model, tx, plan, precision=precision or fz.Precision(DTYPE))
     step = fz.train_step(model, lm_loss, tx, plan)
+    if backend is not None:
+        step = torch.compile(step, backend=backend)
     for b in batches(STEPS):
         state, _ = step(state, b)
     return fz.gather_params(state, plan)
