@@ -102,11 +102,6 @@ Mask = Any
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 # Messages are built only on failure: the builders also run inside traced steps
 # (inject_hyperparams), where formatting a closure would break the graph.
 def _nonneg(name: str, value: Any) -> None:
@@ -374,7 +369,8 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     Example:
         >>> tx = masked(add_decayed_weights(0.1), lambda p: tree_map(lambda x: x.ndim > 1, p))
     """
-    _check(isinstance(inner, GradientTransformation), f"masked wraps a GradientTransformation, got {inner=}")
+    if not isinstance(inner, GradientTransformation):
+        raise ValueError(f"masked wraps a GradientTransformation, got a {type(inner).__name__}: {inner!r}")
     if mask is None:
         raise ValueError(f"masked() needs a mask, got {mask=}")
     rule = LeafRule(mask, where="masked")
@@ -412,10 +408,12 @@ def partition(transforms: Mapping[Any, GradientTransformation], param_labels) ->
     if not transforms:
         raise ValueError(f"partition() needs at least one transform, got {transforms=}")
     for lab, t in transforms.items():
-        _check(isinstance(t, GradientTransformation), f"partition: transform {lab!r} is a {type(t).__name__}, not a GradientTransformation")
+        if not isinstance(t, GradientTransformation):
+            raise ValueError(f"partition: transform {lab!r} is a {type(t).__name__}, not a GradientTransformation")
     rule = LeafRule(param_labels, where="partition", kind="labels")
     for lab in sorted(rule.labels() or (), key=repr):
-        _check(lab in transforms, f"partition: label {lab!r} has no transform (have {sorted(transforms, key=repr)})")
+        if lab not in transforms:
+            raise ValueError(f"partition: label {lab!r} has no transform (have {sorted(transforms, key=repr)})")
 
     def init(params):
         return {k: t.init(params) for k, t in transforms.items()}
@@ -427,7 +425,8 @@ def partition(transforms: Mapping[Any, GradientTransformation], param_labels) ->
         for segs in pc.segments:
             labs = [label_of(path) for path, _, _ in segs]
             for (path, _, _), lab in zip(segs, labs):
-                _check(lab in transforms, f"partition: leaf {path!r} has label {lab!r}, which has no transform")
+                if lab not in transforms:  # a callable's labels are known only now
+                    raise ValueError(f"partition: leaf {path!r} has label {lab!r}, which has no transform")
             labels.append(labs)
         news, states = {}, {}
         for lab, t in transforms.items():
