@@ -322,6 +322,12 @@ def test_multi_steps_takes_optax_arguments_and_reports_has_updated():
         _, st = tx.update({"a": torch.ones(1)}, st, p)
         updated.append(bool(ms.has_updated(st)))
     assert updated == [True, False, True, False, True]  # k = 1 for the first step, then 2
+    ms = optim.MultiSteps(optim.sgd(1.0), 2)  # an int k: one counter, no gradient_step
+    st = ms.init(p)
+    assert not bool(ms.has_updated(st)) and st.gradient_step is None
+    for want in (False, True, False):
+        _, st = ms.update({"a": torch.ones(1)}, st, p)
+        assert bool(ms.has_updated(st)) == want
     assert ms.inner_opt is ms.inner
     with pytest.raises(ValueError, match="every_k_schedule=0"):
         optim.MultiSteps(optim.sgd(1.0), 0)

@@ -28,10 +28,14 @@ __all__ = ["MultiSteps", "MultiStepsState", "multi_steps"]
 
 
 class MultiStepsState(NamedTuple):
-    mini_step: torch.Tensor  # () int32, micro-steps accumulated since the last update
+    # () int32, micro-steps accumulated since the last update (optax's), and -1 before the first
+    # call, so has_updated needs no second counter
+    mini_step: torch.Tensor
     acc: Any  # tree like the gradients (accumulator dtype): their running sum
     inner_state: Any  # the wrapped transform's state
-    gradient_step: torch.Tensor  # () int32, optimizer steps applied so far
+    # () int32, optimizer steps applied so far; kept only for a callable every_k_schedule (which
+    # reads it), else None: an int k needs no count, and the state stays one counter
+    gradient_step: torch.Tensor | None = None
 
 
 def _every_k(every_k_schedule, every_k, where: str):
@@ -61,7 +65,9 @@ class MultiSteps:
             ``accumulator_dtype``.
 
     ``gradient_transformation()`` is the transform (optax's spelling); :func:`multi_steps`
-    returns it directly. ``has_updated(state)`` says whether the last call applied ``opt``.
+    returns it directly. ``has_updated(state)`` says whether the last call applied ``opt``. The
+    state is optax's fields, with ``mini_step`` -1 before the first call and ``gradient_step``
+    kept only for a callable ``every_k_schedule``.
     """
 
     def __init__(
@@ -97,14 +103,14 @@ class MultiSteps:
         like = params if grad_like is None else grad_like
         acc = tree_map(lambda t: torch.zeros_like(t, dtype=self._dtype(t.dtype)), like)
         zero = torch.zeros((), dtype=torch.int32, device=device_of(params))
-        return MultiStepsState(zero, acc, self.inner.init(params), zero.clone())
+        return MultiStepsState(zero - 1, acc, self.inner.init(params), zero if callable(self.every_k) else None)
 
     def _dtype(self, dtype: torch.dtype) -> torch.dtype:
         # Default: at least fp32 (bf16 sums of many micro-batches lose the small ones).
         return self.accum_dtype or torch.promote_types(dtype, torch.float32)
 
     def k(self, state: MultiStepsState) -> int:
-        """Micro-steps of the optimizer step in progress (read on the host)."""
+        """Micro-steps of the optimizer step in progress (a schedule is read on the host)."""
         if not callable(self.every_k):
             return self.every_k
         k = int(self.every_k(state.gradient_step))
@@ -116,11 +122,12 @@ class MultiSteps:
         """One micro-step: ``(ready, mean gradient or None, state)`` (see ``Accumulate.add``)."""
         acc = tree_map(lambda a, g: a + g.to(a.dtype), state.acc, grads)
         k = self.k(state)
-        if int(state.mini_step) < k - 1:  # decided on the host
-            return False, None, state._replace(mini_step=state.mini_step + 1, acc=acc)
+        if max(int(state.mini_step), 0) < k - 1:  # decided on the host (-1, before the first call, is 0)
+            return False, None, state._replace(mini_step=state.mini_step.clamp(min=0) + 1, acc=acc)
         mean = tree_map(lambda a: a / k, acc) if self.use_grad_mean else acc
         reset = tree_map(torch.zeros_like, acc)
-        return True, mean, MultiStepsState(torch.zeros_like(state.mini_step), reset, state.inner_state, state.gradient_step + 1)
+        step = None if state.gradient_step is None else state.gradient_step + 1
+        return True, mean, MultiStepsState(torch.zeros_like(state.mini_step), reset, state.inner_state, step)
 
     def update(self, updates, state: MultiStepsState, params=None, **extra):
         """optax's behaviour without an engine: zero updates on the accumulating calls."""
@@ -133,8 +140,9 @@ class MultiSteps:
 
     @staticmethod
     def has_updated(state: MultiStepsState) -> torch.Tensor:
-        """Whether the call that produced ``state`` applied the inner transform (() bool)."""
-        return (state.mini_step == 0) & (state.gradient_step > 0)
+        """Whether the call that produced ``state`` applied the inner transform (() bool; False
+        for the state ``init`` made)."""
+        return state.mini_step == 0
 
     def gradient_transformation(self) -> GradientTransformation:
         declared = Accumulate(
