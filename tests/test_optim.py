@@ -151,7 +151,7 @@ def test_masked_weight_decay_only_on_selected_leaves():
     tx = optim.add_decayed_weights(0.5, mask=r"^w$")
     out, _ = tx.update(u, tx.init(p), p)
     assert out["w"].tolist() == [1.0, 1.0] and out["b"].tolist() == [0.0, 0.0]
-    tx = optim.masked(optim.scale(10.0), lambda path: path == "b")
+    tx = optim.masked(optim.scale(10.0), optim.by_path(lambda path: path == "b"))
     out, _ = tx.update({"w": torch.ones(2), "b": torch.ones(2)}, tx.init(p), p)
     assert out["w"].tolist() == [1.0, 1.0] and out["b"].tolist() == [10.0, 10.0]
 

@@ -71,9 +71,14 @@ class LeafGrads:
         self.paths, self.grads, self.offsets, self.numel = tuple(paths), tuple(grads), tuple(offsets), numel
 
 
-def gradient_tensors(grads: Mapping[str, Any]) -> list[torch.Tensor]:
-    """Every tensor of ``{group: gradient}``, a :class:`LeafGrads` contributing its leaves."""
-    return [t for g in grads.values() for t in (g.grads if isinstance(g, LeafGrads) else (g,))]
+def gradient_tensors(grads: Any) -> list[torch.Tensor]:
+    """Every tensor of ``{group: gradient}`` (in the dict's order), a :class:`LeafGrads`
+    contributing its leaves; any other pytree's tensors in its flattening order."""
+    if isinstance(grads, Mapping) and all(isinstance(g, (torch.Tensor, LeafGrads)) for g in grads.values()):
+        values = grads.values()
+    else:
+        values = optree.tree_leaves(grads, none_is_leaf=False, namespace="funzero")
+    return [t for g in values for t in (g.grads if isinstance(g, LeafGrads) else (g,))]
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,9 @@ class Accumulate(NamedTuple):
 
     Attributes:
         inner: the transform applied once every ``every_k`` micro-steps.
-        every_k: micro-steps per optimizer step.
+        every_k: micro-steps per optimizer step: an int, or (optax's ``every_k_schedule``) a
+            callable ``gradient_step -> int`` of the optimizer steps applied so far; ``add``
+            reads it, the engine need not.
         init: ``init(params, grad_like) -> state`` (the accumulator shaped like ``grad_like``).
         inner_state: ``inner_state(state) -> the inner transform's state``.
         with_inner_state: ``with_inner_state(state, inner_state) -> state``.
@@ -342,5 +349,9 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
 
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
-    """``params + updates`` leaf by leaf, in the params' dtype (new tensors)."""
-    return tree_map(lambda p, u: (p + u.to(p.dtype)) if u is not None else p, params, updates)
+    """``params + updates`` leaf by leaf, in the params' dtype (new tensors); a ``None`` update
+    leaves its parameter as it is (optax)."""
+    return optree.tree_map(
+        lambda p, u: (p + u.to(p.dtype)) if u is not None and p is not None else p,
+        params, updates, none_is_leaf=True, namespace="funzero",
+    )

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from funzero.optim._base import FusedUpdate, GradientTransformation, Traits
+from funzero.optim._tree import device_of
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
 
@@ -26,13 +27,15 @@ def inject_hyperparams(
 
     Numbers (and schedules, evaluated at the state's count) become 0-d fp32 tensors in
     ``state.hyperparams``; the step reads them from there, so a compiled step keeps its graph when
-    a value changes. Names in ``static_args`` stay Python constants.
+    a value changes. Names in ``static_args`` stay Python constants, and so do masks (``mask``,
+    ``weight_decay_mask``), which are callables but not schedules.
 
     Example:
         >>> tx = inject_hyperparams(adamw)(learning_rate=1e-3, weight_decay=0.1)
         >>> state.opt_state.hyperparams["learning_rate"].fill_(3e-4)   # takes effect next step
     """
-    static = frozenset(static_args)
+    # Callables that are not schedules: a mask is never evaluated at the count.
+    static = frozenset(static_args) | {"mask", "weight_decay_mask", "decay_rate_fn"}
 
     def wrapped(*args, **kwargs) -> GradientTransformation:
         if args:
@@ -53,7 +56,7 @@ def inject_hyperparams(
             return out
 
         def init(params):
-            device = next(iter(params.values())).device if params else None
+            device = device_of(params)
             count = torch.zeros((), dtype=torch.int32, device=device)
             hp = values(None, count, device)
             return InjectHyperparamsState(count, hp, factory(**fixed, **hp).init(params))

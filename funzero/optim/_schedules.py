@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,31 +36,22 @@ def constant_schedule(value: float) -> Schedule:
 
 
 def linear_schedule(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
-    """Linear from ``init_value`` (until ``transition_begin``) to ``end_value`` over ``transition_steps``."""
-    if transition_steps <= 0:
-        raise ValueError(f"linear_schedule needs transition_steps > 0, got {transition_steps=}")
-    if transition_begin < 0:
-        raise ValueError(f"linear_schedule needs transition_begin >= 0, got {transition_begin=}")
-    a, b = float(init_value), float(end_value)
-
-    def schedule(count):
-        frac = torch.clamp((_f(count) - transition_begin) / transition_steps, 0.0, 1.0)
-        return a + (b - a) * frac
-
-    return schedule
+    """Linear from ``init_value`` (until ``transition_begin``) to ``end_value`` over ``transition_steps``
+    (optax's: :func:`polynomial_schedule` with ``power=1``)."""
+    return polynomial_schedule(init_value, end_value, 1, transition_steps, transition_begin, where="linear_schedule")
 
 
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
     """``init * ((1-alpha) * (0.5 (1 + cos(pi t/T)))**exponent + alpha)`` for t <= T, then flat."""
-    if decay_steps <= 0:
+    if not decay_steps > 0:
         raise ValueError(f"cosine_decay_schedule needs decay_steps > 0, got {decay_steps=}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"cosine_decay_schedule needs 0 <= alpha <= 1, got {alpha=}")
-    v = float(init_value)
+    v, steps = float(init_value), float(decay_steps)
 
     def schedule(count):
-        t = torch.clamp(_f(count), max=float(decay_steps)) / decay_steps
-        cos = 0.5 * (1.0 + torch.cos(math.pi * t))
+        t = torch.clamp(_f(count), max=steps)
+        cos = 0.5 * (1.0 + torch.cos(math.pi * t / steps))
         return v * ((1.0 - alpha) * cos**exponent + alpha)
 
     return schedule
@@ -84,15 +76,139 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     return schedule
 
 
-def warmup_cosine(peak_value: float, warmup_steps: int, decay_steps: int, end_value: float = 0.0, init_value: float = 0.0) -> Schedule:
-    """Linear warmup from ``init_value`` to ``peak_value``, then cosine decay to ``end_value``.
+# --- optax's schedules under optax's names, argument order and defaults ---------------------
+# (validated when built: where optax logs and falls back to a constant schedule, these raise)
+__all__ += [
+    "exponential_decay",
+    "piecewise_constant_schedule",
+    "polynomial_schedule",
+    "warmup_cosine_decay_schedule",
+    "warmup_exponential_decay_schedule",
+]
 
-    ``decay_steps`` counts the whole schedule, warmup included (optax's convention).
+
+def _steps(where: str, **kw) -> None:
+    for name, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or (name.startswith("transition_steps") and not v > 0) or not v >= 0:
+            bound = "> 0" if name.startswith("transition_steps") else ">= 0"
+            raise ValueError(f"{where} needs {name} {bound}, got {name}={v!r}")
+
+
+def polynomial_schedule(
+    init_value: float, end_value: float, power: float, transition_steps: int, transition_begin: int = 0, *, where: str = "polynomial_schedule"
+) -> Schedule:
+    """``(init - end) * (1 - t / transition_steps)**power + end``, ``t`` the count after
+    ``transition_begin`` clipped to ``[0, transition_steps]``."""
+    _steps(where, transition_steps=transition_steps, transition_begin=transition_begin)
+    a, b, steps, begin = float(init_value), float(end_value), float(transition_steps), float(transition_begin)
+
+    def schedule(count):
+        frac = 1.0 - torch.clamp(_f(count) - begin, 0.0, steps) / steps
+        return (a - b) * (frac if power == 1 else frac**power) + b
+
+    return schedule
+
+
+def piecewise_constant_schedule(init_value: float, boundaries_and_scales: dict[int, float] | None = None) -> Schedule:
+    """``init_value``, multiplied by ``scale`` at each ``{boundary: scale}`` the count has reached."""
+    items = sorted((boundaries_and_scales or {}).items())
+    for boundary, s in items:
+        if not s >= 0:
+            raise ValueError(f"piecewise_constant_schedule needs scales >= 0, got scale {s!r} at boundary {boundary!r}")
+    init = float(init_value)
+
+    def schedule(count):
+        c = _f(count)
+        v = torch.full_like(c, init)
+        for boundary, s in items:
+            before = torch.clamp(torch.sign(boundary - c), min=0.0)  # 1 before the boundary, else 0
+            v = v * before + (1 - before) * s * v
+        return v
+
+    return schedule
+
+
+def exponential_decay(
+    init_value: float,
+    transition_steps: int,
+    decay_rate: float,
+    transition_begin: int = 0,
+    staircase: bool = False,
+    end_value: float | None = None,
+) -> Schedule:
+    """``init * decay_rate ** ((count - transition_begin) / transition_steps)`` (the exponent
+    floored with ``staircase``), ``init`` before ``transition_begin``, bounded by ``end_value``."""
+    _steps("exponential_decay", transition_steps=transition_steps, transition_begin=transition_begin)
+    if not decay_rate > 0:
+        raise ValueError(f"exponential_decay needs decay_rate > 0, got {decay_rate=}")
+    init, steps, begin = float(init_value), float(transition_steps), float(transition_begin)
+    bound = None if end_value is None else (torch.maximum if decay_rate < 1.0 else torch.minimum)
+
+    def schedule(count):
+        d = _f(count) - begin
+        p = d / steps
+        if staircase:
+            p = torch.floor(p)
+        v = torch.where(d <= 0, torch.full_like(d, init), init * torch.pow(decay_rate, p))
+        if bound is not None:
+            v = bound(v, torch.full_like(v, float(end_value)))
+        return v
+
+    return schedule
+
+
+def warmup_cosine_decay_schedule(
+    init_value: float, peak_value: float, warmup_steps: int, decay_steps: int, end_value: float = 0.0, exponent: float = 1.0
+) -> Schedule:
+    """Linear warmup from ``init_value`` to ``peak_value`` over ``warmup_steps``, then cosine
+    decay to ``end_value`` (raised to ``exponent``); ``decay_steps`` counts the whole schedule,
+    warmup included."""
+    _steps("warmup_cosine_decay_schedule", warmup_steps=warmup_steps, decay_steps=decay_steps)
+    if not decay_steps > warmup_steps:
+        raise ValueError(f"warmup_cosine_decay_schedule needs warmup_steps < decay_steps, got {warmup_steps=}, {decay_steps=}")
+    alpha = 0.0 if peak_value == 0 else end_value / peak_value
+    decay = cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent)
+    if warmup_steps == 0:
+        return decay
+    return join_schedules([linear_schedule(init_value, peak_value, warmup_steps), decay], [warmup_steps])
+
+
+def warmup_exponential_decay_schedule(
+    init_value: float,
+    peak_value: float,
+    warmup_steps: int,
+    transition_steps: int,
+    decay_rate: float,
+    transition_begin: int = 0,
+    staircase: bool = False,
+    end_value: float | None = None,
+) -> Schedule:
+    """Linear warmup from ``init_value`` to ``peak_value``, then :func:`exponential_decay` from
+    ``peak_value`` (its count starting at 0 after the warmup)."""
+    _steps("warmup_exponential_decay_schedule", warmup_steps=warmup_steps)
+    decay = exponential_decay(peak_value, transition_steps, decay_rate, transition_begin, staircase, end_value)
+    if warmup_steps == 0:
+        return decay
+    return join_schedules([linear_schedule(init_value, peak_value, warmup_steps), decay], [warmup_steps])
+
+
+# --- funzero's name ----------------------------------------------------------------------------
+def warmup_cosine(
+    peak_value: float, warmup_steps: int, decay_steps: int, *, end_value: float = 0.0, init_value: float = 0.0, exponent: float = 1.0
+) -> Schedule:
+    """Linear warmup from ``init_value`` to ``peak_value``, then cosine decay to ``end_value``:
+    :func:`warmup_cosine_decay_schedule` with the peak first.
+
+    ``decay_steps`` counts the whole schedule, warmup included (optax's convention). Only the
+    first three arguments are positional and the step counts must be ints, so a call in
+    optax's order (``init_value, peak_value, ...``) is an error, not a zero schedule.
     """
+    for name, v in (("warmup_steps", warmup_steps), ("decay_steps", decay_steps)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(
+                f"warmup_cosine(peak_value, warmup_steps, decay_steps) needs an int {name}, got {name}={v!r} "
+                "(optax's argument order is warmup_cosine_decay_schedule's)"
+            )
     if warmup_steps < 0 or decay_steps <= warmup_steps:
         raise ValueError(f"warmup_cosine needs 0 <= warmup_steps < decay_steps, got {warmup_steps=}, {decay_steps=}")
-    alpha = 0.0 if peak_value == 0 else end_value / peak_value
-    parts = [cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha)]
-    if warmup_steps == 0:
-        return parts[0]
-    return join_schedules([linear_schedule(init_value, peak_value, warmup_steps), parts[0]], [warmup_steps])
+    return warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps, decay_steps, end_value, exponent)
