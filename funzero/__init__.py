@@ -30,6 +30,7 @@ from funzero._precision import LossScaleConfig, Precision, bf16, fp16, fp32
 from funzero._scaler import LossScaleState
 from funzero._state import TrainState, gather_params, init, state_nbytes
 from funzero._step import train_step
+from funzero._remat import remat, save_matmuls
 
 __all__ = [
     "ActivationEstimate",
@@ -69,4 +70,6 @@ __all__ = [
     "track_gathered",
     "train_step",
     "zero",
+    "remat",
+    "save_matmuls",
 ]
