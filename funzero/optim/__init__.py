@@ -19,6 +19,9 @@ from funzero.optim._schedules import (
     join_schedules,
     linear_schedule,
     warmup_cosine,
+    warmup_cosine_lr,
+    warmup_decay_lr,
+    warmup_lr,
 )
 from funzero.optim._transforms import (
     ScaleByAdamState,
@@ -83,4 +86,7 @@ __all__ = [
     "trace",
     "tree_map",
     "warmup_cosine",
+    "warmup_cosine_lr",
+    "warmup_decay_lr",
+    "warmup_lr",
 ]
