@@ -31,6 +31,7 @@ from funzero._scaler import LossScaleState
 from funzero._state import TrainState, gather_params, init, state_nbytes
 from funzero._step import train_step
 from funzero._remat import remat, save_matmuls
+from funzero._deepspeed import Initialized, block_rules, initialize
 
 __all__ = [
     "ActivationEstimate",
@@ -72,4 +73,7 @@ __all__ = [
     "zero",
     "remat",
     "save_matmuls",
+    "Initialized",
+    "block_rules",
+    "initialize",
 ]
