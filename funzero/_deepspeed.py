@@ -275,7 +275,7 @@ def _flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
             # bool is an int in Python: compare types too, so that `true` is not accepted as 1
             if not (value == rule[1] and isinstance(value, bool) == isinstance(rule[1], bool)):
                 raise ValueError(
-                    f"DeepSpeed config key {path!r} is supported only as {json.dumps(rule[1])}, got {json.dumps(value)}"
+                    f"DeepSpeed config key {path!r} is supported only as {_show(rule[1])}, got {_show(value)}"
                 )
         out[path] = value
     return out
@@ -290,8 +290,10 @@ class _Reader:
             if flat.get(key) != "auto":
                 raise ValueError(
                     f"auto= gives a value for {key!r}, which the config does not set to \"auto\" "
-                    f"(it is {json.dumps(flat.get(key)) if key in flat else 'absent'})"
+                    f"(it is {_show(flat.get(key)) if key in flat else 'absent'})"
                 )
+            if _RULES.get(key) == _IGNORE:
+                raise ValueError(f"auto= gives a value for {key!r}, which funzero ignores (see fz.initialize's table)")
 
     def get(self, key: str, default: Any = _UNSET, auto_default: Any = _UNSET) -> Any:
         value = self.flat.get(key, default)
@@ -311,6 +313,14 @@ class _Reader:
         return value
 
 
+def _show(value) -> str:
+    """A value as the config would spell it (JSON), or its repr when it is no JSON value."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _number(key: str, value, *, integer: bool = False, low: float | None = None, strict: bool = False):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok and integer:
@@ -320,13 +330,13 @@ def _number(key: str, value, *, integer: bool = False, low: float | None = None,
     if not ok:
         kind = "an integer" if integer else "a number"
         bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
-        raise ValueError(f"DeepSpeed config key {key!r} must be {kind}{bound}, got {json.dumps(value)}")
+        raise ValueError(f"DeepSpeed config key {key!r} must be {kind}{bound}, got {_show(value)}")
     return int(value) if integer else float(value)
 
 
 def _bool(key: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"DeepSpeed config key {key!r} must be true or false, got {json.dumps(value)}")
+        raise ValueError(f"DeepSpeed config key {key!r} must be true or false, got {_show(value)}")
     return value
 
 
@@ -370,7 +380,7 @@ def _precision(r: _Reader) -> Precision:
         raise ValueError("DeepSpeed config enables both fp16.enabled and bf16.enabled; choose one")
     comm = r.get("communication_data_type", None)
     if comm is not None and comm not in _DTYPES:
-        raise ValueError(f"DeepSpeed config key 'communication_data_type' must be one of {sorted(_DTYPES)}, got {json.dumps(comm)}")
+        raise ValueError(f"DeepSpeed config key 'communication_data_type' must be one of {sorted(_DTYPES)}, got {_show(comm)}")
     reduce = {} if comm is None else {"reduce_dtype": _DTYPES[comm]}
     if use_fp16:
         knobs = {
@@ -409,7 +419,7 @@ def _schedule(r: _Reader, lr: float):
     steps = _number("scheduler.params.warmup_num_steps", p("warmup_num_steps", 1000), integer=True, low=0, strict=True)
     warmup_type = p("warmup_type", "log")
     if warmup_type not in ("log", "linear"):
-        raise ValueError(f"DeepSpeed config key 'scheduler.params.warmup_type' must be \"log\" or \"linear\", got {json.dumps(warmup_type)}")
+        raise ValueError(f"DeepSpeed config key 'scheduler.params.warmup_type' must be \"log\" or \"linear\", got {_show(warmup_type)}")
     if kind == "WarmupCosineLR":
         return optim.warmup_cosine_lr(
             _number("scheduler.params.total_num_steps", p("total_num_steps"), integer=True, low=0),
@@ -445,7 +455,7 @@ def _optimizer(r: _Reader) -> tuple[optim.GradientTransformation, Callable]:
     lr = _number("optimizer.params.lr", r.get("optimizer.params.lr", 1e-3), low=0)
     betas = r.get("optimizer.params.betas", [0.9, 0.99] if name == "lion" else [0.9, 0.999])
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
-        raise ValueError(f"DeepSpeed config key 'optimizer.params.betas' must be a pair, got {json.dumps(betas)}")
+        raise ValueError(f"DeepSpeed config key 'optimizer.params.betas' must be a pair, got {_show(betas)}")
     b1, b2 = (_number("optimizer.params.betas", b, low=0) for b in betas)
     schedule = _schedule(r, lr)
     if name == "lion":
@@ -473,12 +483,12 @@ def _placement(r: _Reader, stage: int) -> dict:
         key = f"zero_optimization.{part}.device"
         device = r.get(key, "none")
         if device not in ("none", "cpu", "nvme"):
-            raise ValueError(f"DeepSpeed config key {key!r} must be \"none\", \"cpu\" or \"nvme\", got {json.dumps(device)}")
+            raise ValueError(f"DeepSpeed config key {key!r} must be \"none\", \"cpu\" or \"nvme\", got {_show(device)}")
         if device == "none":
             continue
         if stage not in stages:
             raise ValueError(
-                f"DeepSpeed config key {key!r} = {json.dumps(device)} needs zero_optimization.stage in {stages}, got {stage}"
+                f"DeepSpeed config key {key!r} = {_show(device)} needs zero_optimization.stage in {stages}, got {stage}"
             )
         if device == "cpu":
             out[leaf] = "cpu"
@@ -586,7 +596,7 @@ def initialize(
     train, micro, accum = _batch_sizes(r, world)
     stage = r.get("zero_optimization.stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
-        raise ValueError(f"DeepSpeed config key 'zero_optimization.stage' must be 0, 1, 2 or 3, got {json.dumps(stage)}")
+        raise ValueError(f"DeepSpeed config key 'zero_optimization.stage' must be 0, 1, 2 or 3, got {_show(stage)}")
     precision = _precision(r)
     opt, schedule = _optimizer(r)
     # DeepSpeed clips at 1.0 when the key is absent (constants.GRADIENT_CLIPPING_DEFAULT, 0.19).
@@ -594,7 +604,7 @@ def initialize(
     tx = optim.chain(optim.clip_by_global_norm(clip), opt) if clip > 0 else opt
     accum_dtype = r.get("data_types.grad_accum_dtype", None)
     if accum_dtype is not None and accum_dtype not in _DTYPES:
-        raise ValueError(f"DeepSpeed config key 'data_types.grad_accum_dtype' must be one of {sorted(_DTYPES)}, got {json.dumps(accum_dtype)}")
+        raise ValueError(f"DeepSpeed config key 'data_types.grad_accum_dtype' must be one of {sorted(_DTYPES)}, got {_show(accum_dtype)}")
     if accum > 1:
         tx = optim.multi_steps(tx, accum, accum_dtype=_DTYPES.get(accum_dtype))
     plan = zero(

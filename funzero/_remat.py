@@ -158,14 +158,13 @@ def _remat_forward(self: nn.Module, *args, **kwargs):
     policy, orig, pin_memory = self.__dict__[_ATTR]
     if not torch.is_grad_enabled():
         return orig(*args, **kwargs)
-    slots = _state_slots(self)
     if policy == "offload":
-        return _offloaded(orig, [d[k] for d, k in slots], pin_memory, args, kwargs)
+        return _offloaded(orig, [d[k] for d, k in _state_slots(self)], pin_memory, args, kwargs)
     ctx = _context_fn(policy)
     extra = {} if ctx is None else {"context_fn": ctx}
     if torch.compiler.is_compiling():
         return checkpoint(orig, *args, use_reentrant=False, **extra, **kwargs)
-    live = [(d, k) for d, k in slots if d[k] is not None]
+    live = [(d, k) for d, k in _state_slots(self) if d[k] is not None]
     state = [d[k] for d, k in live]
     n = len(args)
 

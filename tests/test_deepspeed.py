@@ -316,3 +316,59 @@ def test_the_module_table_lists_every_key():
         assert row.group(1) == {"map": "mapped", "ignore": "ignored", "error": "error", "only": "only"}[kind], key
     rows = re.findall(r"^([a-z0-9_.]+) +(?:mapped|only|ignored|error) ", doc, re.M)
     assert sorted(rows) == sorted(ds._RULES), set(rows) ^ set(ds._RULES)
+
+
+def _with(dotted: str, value) -> dict:
+    cfg = copy.deepcopy(SEED)
+    if dotted.startswith("scheduler."):
+        cfg["scheduler"] = {"type": "WarmupLR"}
+    node = cfg
+    *head, last = dotted.split(".")
+    for part in head:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return cfg
+
+
+def _other(value):
+    """A value other than the one a key is accepted at."""
+    return (not value) if isinstance(value, bool) else value + 1
+
+
+REFUSED = sorted(k for k, r in ds._RULES.items() if isinstance(r, tuple))
+
+
+@pytest.mark.parametrize("key", REFUSED)
+def test_every_refused_key_is_named_with_its_dotted_path(key):
+    """Each key the table refuses, and each key accepted at one value when given another."""
+    rule = ds._RULES[key]
+    value = True if rule[0] == "error" else _other(rule[1])
+    with pytest.raises(ValueError, match=re.escape(f"DeepSpeed config key {key!r} is not supported" if rule[0] == "error"
+                                                   else f"DeepSpeed config key {key!r} is supported only as")):
+        fz.initialize(tiny_gpt(), _with(key, value))
+    if rule[0] == "only":  # and at its one value it is accepted
+        fz.initialize(tiny_gpt(), _with(key, rule[1]))
+
+
+def test_ignored_keys_are_accepted_with_any_value_and_change_nothing():
+    ignored = [k for k, r in ds._RULES.items() if r == "ignore"]
+    cfg = copy.deepcopy(SEED)
+    for key in ignored:
+        node = cfg
+        *head, last = key.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = "auto"
+    cfg["zero_optimization"]["offload_optimizer"]["device"] = "none"
+    cfg["zero_optimization"]["offload_param"]["device"] = "none"
+    init = fz.initialize(tiny_gpt(), cfg)
+    plain = fz.initialize(tiny_gpt(), SEED)
+    fields = lambda p: (p.stage, p.groups, dict(p.placement), p.batch)  # noqa: E731
+    assert fields(init.plan) == fields(plain.plan) and init.precision == plain.precision
+    a, b = init.state, plain.state
+    for x in batches(2):
+        a, _ = init.step(a, x)
+        b, _ = plain.step(b, x)
+    assert all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b)))
+    with pytest.raises(ValueError, match=r"auto= gives a value for 'zero_optimization.overlap_comm', which funzero ignores"):
+        fz.initialize(tiny_gpt(), cfg, auto={"zero_optimization.overlap_comm": True})
