@@ -372,3 +372,28 @@ def test_ignored_keys_are_accepted_with_any_value_and_change_nothing():
     assert all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b)))
     with pytest.raises(ValueError, match=r"auto= gives a value for 'zero_optimization.overlap_comm', which funzero ignores"):
         fz.initialize(tiny_gpt(), cfg, auto={"zero_optimization.overlap_comm": True})
+
+
+def test_a_hugging_face_model_with_dict_batches():
+    """A Hugging Face causal LM as DeepSpeed users bring it: dict batches, the loss from its output,
+    one group per decoder layer; bit for bit the plan written by hand."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, vocab_size=101))
+
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(0, 101, (4, 8), generator=g), "labels": torch.randint(0, 101, (4, 8), generator=g)}
+            for _ in range(3)]
+    init = fz.initialize(llama(), {**SEED, "train_batch_size": 4, "bf16": {"enabled": True}})
+    assert init.plan.groups == [r"model\.layers\.(\d+)\."]
+    a = _train(init.step, init.state, data)
+    model = llama()
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=0.0))
+    plan = fz.zero(3, groups=[r"model\.layers\.(\d+)\."], batch="local")
+    b = _train(fz.train_step(model, lambda apply, x: apply(**x).loss, tx, plan),
+               fz.init(model, tx, plan, precision=fz.bf16()), data)
+    assert all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b)))
+    assert not torch.equal(a.master["model.layers.0"], fz.init(llama(), tx, plan, precision=fz.bf16()).master["model.layers.0"])
