@@ -170,22 +170,22 @@ def test_saved_activations_shrink(name):
 
 
 def _through_funzero(rank, world):
-    """Llama (and the GPT) trained two SGD steps at stages 0-3 without remat and with each policy;
-    at stage 3 the gathers counted."""
+    """Llama trained one SGD step (the parameters move by lr x the gradient) at stages 0-3 (the GPT at stage 3) without remat and with each
+    policy; at stage 3 the gathers counted."""
     out = {}
     for name in ("llama", "gpt"):
         for stage in (0, 1, 2, 3):
             for policy in [None] + POLICIES:
-                if name == "gpt" and stage in (1, 2) and policy is not None:
-                    continue  # the GPT's stage 0 and 3 runs cover it; Llama takes every stage
+                if name == "gpt" and stage != 3:
+                    continue  # Llama takes every stage; the GPT the one that gathers
                 if name == "llama":
                     model, rule, groups, loss_fn = llama(), LAYERS, [r"model\.layers\.(\d+)\."], llama_loss
-                    data = [llama_batch(seed=s) for s in (1, 2)]
+                    data = [llama_batch()]
                     inner = model.model.layers[0].mlp
                 else:
                     from tests._models import GROUPS, lm_loss
 
-                    model, rule, groups, loss_fn, data = tiny_gpt(), BLOCKS, GROUPS, lm_loss, batches(2)
+                    model, rule, groups, loss_fn, data = tiny_gpt(), BLOCKS, GROUPS, lm_loss, batches(1)
                     inner = model.blocks[0].mlp
                 if policy is not None:
                     fz.remat(model, [(rule, policy)])
@@ -221,9 +221,9 @@ def test_every_policy_through_funzero_stages_on_two_ranks():
         ref = out[(name, stage, None)]
         for k in ref[0]:
             assert _rel(params[k], ref[0][k]) < 1e-6, (name, stage, policy, k, _rel(params[k], ref[0][k]))
-        assert calls == (2 if policy in (None, "offload") else 4), (name, stage, policy, calls)
+        assert calls == (1 if policy in (None, "offload") else 2), (name, stage, policy, calls)
         if stage == 3:
-            assert gathers == 2 * 2 * groups, (name, policy, gathers, groups)  # 2 steps x (fwd + bwd)
+            assert gathers == 2 * groups, (name, policy, gathers, groups)  # forward + backward
             assert peak <= 2, (name, policy, peak)
         else:
             assert gathers == 0
