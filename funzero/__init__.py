@@ -22,6 +22,8 @@ from funzero._precision import LossScaleConfig, Precision, bf16, fp16, fp32
 from funzero._scaler import LossScaleState
 from funzero._state import TrainState, gather_params, init, state_nbytes, sync
 from funzero._step import Step, train_step
+from funzero._remat import remat, save_matmuls
+from funzero._deepspeed import Initialized, block_rules, initialize
 
 __all__ = [
     "ActivationEstimate",
@@ -66,4 +68,9 @@ __all__ = [
     "track_gathered",
     "train_step",
     "zero",
+    "remat",
+    "save_matmuls",
+    "Initialized",
+    "block_rules",
+    "initialize",
 ]

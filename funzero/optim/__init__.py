@@ -62,6 +62,9 @@ from funzero.optim._schedules import (
     warmup_cosine,
     warmup_cosine_decay_schedule,
     warmup_exponential_decay_schedule,
+    warmup_cosine_lr,
+    warmup_decay_lr,
+    warmup_lr,
 )
 from funzero.optim._transforms import (
     AddDecayedWeightsState,
@@ -197,4 +200,7 @@ __all__ = [
     "warmup_cosine",
     "warmup_cosine_decay_schedule",
     "warmup_exponential_decay_schedule",
+    "warmup_cosine_lr",
+    "warmup_decay_lr",
+    "warmup_lr",
 ]

@@ -18,6 +18,9 @@ __all__ = [
     "join_schedules",
     "linear_schedule",
     "warmup_cosine",
+    "warmup_cosine_lr",
+    "warmup_decay_lr",
+    "warmup_lr",
 ]
 
 Schedule = Callable[[torch.Tensor | int], torch.Tensor | float]
@@ -212,3 +215,108 @@ def warmup_cosine(
     if warmup_steps < 0 or decay_steps <= warmup_steps:
         raise ValueError(f"warmup_cosine needs 0 <= warmup_steps < decay_steps, got {warmup_steps=}, {decay_steps=}")
     return warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps, decay_steps, end_value, exponent)
+
+
+# --- DeepSpeed's schedules ------------------------------------------------------------------
+# DeepSpeed's engine sets each scheduler's value at iteration -1 when it builds the scheduler and
+# steps the scheduler after every applied update, so the update that follows `count` applied
+# updates runs at iteration `count - 1`. The schedules below take funzero's count and return that
+# learning rate, so a funzero run reproduces a DeepSpeed run's rates update for update. Formulas
+# from deepspeed/runtime/lr_schedules.py (WarmupLR._get_gamma, WarmupDecayLR._get_gamma,
+# WarmupCosineLR.get_lr_ratio), DeepSpeed 0.19.
+
+
+def _ds_warmup_args(warmup_num_steps, warmup_type) -> int:
+    if isinstance(warmup_num_steps, bool) or not isinstance(warmup_num_steps, int) or warmup_num_steps <= 0:
+        raise ValueError(f"warmup_num_steps must be a positive integer, got {warmup_num_steps=}")
+    if warmup_type not in ("log", "linear"):
+        raise ValueError(f"warmup_type must be 'log' or 'linear', got {warmup_type=}")
+    return max(2, warmup_num_steps)  # DeepSpeed's floor: log(1) would divide by zero
+
+
+def _ds_total(total_num_steps) -> None:
+    if isinstance(total_num_steps, bool) or not isinstance(total_num_steps, int) or total_num_steps < 0:
+        raise ValueError(f"total_num_steps must be a non-negative integer, got {total_num_steps=}")
+
+
+def _ds_gamma(it: torch.Tensor, num_steps: int, warmup_type: str) -> torch.Tensor:
+    """The warmup fraction at iteration ``it`` (meaningful for 0 <= it < num_steps)."""
+    if warmup_type == "log":
+        return torch.log(it + 1.0) / math.log(num_steps)
+    return it / num_steps
+
+
+def _ds_min_max(warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type, after) -> Schedule:
+    """``min + (max - min) * gamma``: the warmup fraction, then ``after(it)`` once it is over."""
+    num = _ds_warmup_args(warmup_num_steps, warmup_type)
+    lo, hi = float(warmup_min_lr), float(warmup_max_lr)
+
+    def schedule(count):
+        it = torch.clamp(_f(count) - 1.0, min=0.0)  # iteration -1 reads as min_lr, as iteration 0 does
+        gamma = torch.where(it < num, _ds_gamma(it, num, warmup_type), after(it))
+        return lo + (hi - lo) * gamma
+
+    return schedule
+
+
+def warmup_lr(
+    *, warmup_min_lr: float = 0.0, warmup_max_lr: float = 0.001, warmup_num_steps: int = 1000, warmup_type: str = "log"
+) -> Schedule:
+    """DeepSpeed's ``WarmupLR``: from ``warmup_min_lr`` up to ``warmup_max_lr`` over
+    ``warmup_num_steps`` (log or linear in the iteration), then flat.
+
+    ``lr(it) = min + (max - min) * g(it)``, ``g = log(it + 1) / log(W)`` (``"log"``) or ``it / W``
+    (``"linear"``) for ``it < W = max(2, warmup_num_steps)``, else 1; at ``count`` the iteration is
+    ``count - 1`` (see the note above: the first two updates both run at ``warmup_min_lr``).
+    """
+    return _ds_min_max(warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type, lambda it: torch.ones_like(it))
+
+
+def warmup_decay_lr(
+    total_num_steps: int,
+    *,
+    warmup_min_lr: float = 0.0,
+    warmup_max_lr: float = 0.001,
+    warmup_num_steps: int = 1000,
+    warmup_type: str = "log",
+) -> Schedule:
+    """DeepSpeed's ``WarmupDecayLR``: :func:`warmup_lr`'s warmup, then linear decay to 0 at
+    ``total_num_steps``: ``g(it) = max(0, (T - it) / max(1, T - W))`` for ``it >= W``."""
+    _ds_total(total_num_steps)
+    span = float(max(1, total_num_steps - _ds_warmup_args(warmup_num_steps, warmup_type)))
+    return _ds_min_max(warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type,
+                       lambda it: torch.clamp((total_num_steps - it) / span, min=0.0))
+
+
+def warmup_cosine_lr(
+    total_num_steps: int,
+    *,
+    learning_rate: float = 0.001,
+    warmup_min_ratio: float = 0.0,
+    warmup_num_steps: int = 1000,
+    cos_min_ratio: float = 0.0001,
+    warmup_type: str = "log",
+) -> Schedule:
+    """DeepSpeed's ``WarmupCosineLR``: ``learning_rate`` (the optimizer's lr in DeepSpeed) times a
+    ratio that warms up from ``warmup_min_ratio`` to 1 over ``warmup_num_steps``, then follows a
+    half cosine down to ``cos_min_ratio`` at ``total_num_steps`` and stays there.
+
+    Warmup: ``r = wmin + (1 - wmin) g(it)``. After: ``p = min(1, (it - W + 1) / max(1, T - W))``,
+    ``r = max(0, cmin + (1 - cmin)(1 + cos(pi p)) / 2)``. Before DeepSpeed's first scheduler step
+    the rate is 0, so the first update (``count == 0``) runs at 0.
+    """
+    _ds_total(total_num_steps)
+    num = _ds_warmup_args(warmup_num_steps, warmup_type)
+    base, wmin, cmin = float(learning_rate), float(warmup_min_ratio), float(cos_min_ratio)
+    span = float(max(1, total_num_steps - num))
+
+    def schedule(count):
+        c = _f(count)
+        it = torch.clamp(c - 1.0, min=0.0)
+        warm = wmin + _ds_gamma(it, num, warmup_type) * (1.0 - wmin)
+        progress = torch.clamp((it - num + 1.0) / span, max=1.0)
+        cos = torch.clamp(cmin + (1.0 - cmin) * (1.0 + torch.cos(math.pi * progress)) / 2.0, min=0.0)
+        ratio = torch.where(it < num, warm, cos)
+        return torch.where(c < 1.0, 0.0, base * ratio)
+
+    return schedule

@@ -1059,6 +1059,80 @@ def nadam(
     return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True)
 
 
+def _decay_cuts(decayed: list[tuple[int, int]], n: int, weight_decay) -> list[tuple[int, int, Any]]:
+    """Alternate decayed / undecayed ``(start, stop, decay)`` runs covering ``[0, n)``."""
+    cuts, pos = [], 0
+    for a, b in decayed:
+        if a > pos:
+            cuts.append((pos, a, 0.0))
+        cuts.append((a, b, weight_decay))
+        pos = b
+    if pos < n:
+        cuts.append((pos, n, 0.0))
+    return cuts
+
+
+def _fused_adamw(learning_rate, b1, b2, eps, weight_decay, rule) -> FusedUpdate:
+    """AdamW's fused pass (``funzero.ops.adamw_`` over flat buffers, ``adamw_leaves_`` over
+    :class:`LeafGrads`), as the record the engine reads."""
+
+    def fused_apply(grads, state, master, *, param_out=None, grad_scale=None, found_inf=None, info=None, to_state=None):
+        from funzero import ops
+
+        if to_state is not None:
+            grads = to_state(grads)
+
+        adam_state, empty, sched = state
+        step = adam_state.count + 1
+        lr = _value(learning_rate, sched.count)
+        keep = rule.decide(master, info)  # per leaf path; under the engine the model's
+        for k, g in grads.items():
+            if isinstance(g, LeafGrads):  # one rank: each leaf's gradient read where it lies
+                m_, mu_, nu_ = (t.view(-1) for t in (master[k], adam_state.mu[k], adam_state.nu[k]))
+                ops.adamw_leaves_(
+                    m_, list(g.grads), list(g.offsets), mu_, nu_, None if param_out is None else param_out[k].view(-1),
+                    lr=_on(lr, m_.device), step=_on(step, m_.device), beta1=b1, beta2=b2, eps=eps,
+                    weight_decay=[weight_decay if keep(path) else 0.0 for path in g.paths],
+                    grad_scale=grad_scale, found_inf=found_inf,
+                )
+                continue
+            n = g.numel()
+            cuts = _decay_cuts(_runs(info, k, n, keep), n, weight_decay)
+            # The kernel works on flat 1-D buffers; leaves of any shape are viewed flat.
+            m_, g_, mu_, nu_ = (t.view(-1) for t in (master[k], g, adam_state.mu[k], adam_state.nu[k]))
+            po = None if param_out is None else param_out[k].view(-1)
+            # Counts kept on the host (placement rules putting some groups on the device) are
+            # read as numbers there: no device sync, no copy.
+            step_k, lr_k = _on(step, m_.device), _on(lr, m_.device)
+            for a, b, wd in cuts:
+                ops.adamw_(
+                    m_[a:b],
+                    g_[a:b],
+                    mu_[a:b],
+                    nu_[a:b],
+                    None if po is None else po[a:b],
+                    lr=lr_k, step=step_k, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                    grad_scale=grad_scale, found_inf=found_inf,
+                )
+        advance = 1 if found_inf is None else (found_inf == 0).to(torch.int32)
+        return (
+            ScaleByAdamState(adam_state.count + advance, adam_state.mu, adam_state.nu),
+            empty,
+            ScaleByScheduleState(sched.count + advance),
+        )
+
+    # Elementwise per buffer: an engine may call it group by group ({g: grad} at a time), with
+    # the same incoming state each time; the moments update in place, the counts come back
+    # advanced (fused_apply({}, state, {}) returns the new state alone). It reads LeafGrads (the
+    # engine's one-rank gradients) as they are.
+    fused = FusedUpdate(
+        fused_apply,
+        groupwise=lambda state: Groupwise(None, fused_apply, state, lambda _, new: new),
+        takes_leaves=True,
+    )
+    return fused
+
+
 def adamw(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -1104,72 +1178,8 @@ def adamw(
         # The fused kernel takes b1/b2/eps/decay as constants; tensors (inject_hyperparams) take
         # the unfused chain. The learning rate may be a tensor or schedule either way.
         return inner
-    rule = LeafRule(mask, where="adamw")
-
-    def fused_apply(grads, state, master, *, param_out=None, grad_scale=None, found_inf=None, info=None, to_state=None):
-        from funzero import ops
-
-        if to_state is not None:
-            grads = to_state(grads)
-
-        adam_state, empty, sched = state
-        step = adam_state.count + 1
-        lr = _value(learning_rate, sched.count)
-        keep = rule.decide(master, info)  # per leaf path; under the engine the model's
-        for k, g in grads.items():
-            if isinstance(g, LeafGrads):  # one rank: each leaf's gradient read where it lies
-                m_, mu_, nu_ = (t.view(-1) for t in (master[k], adam_state.mu[k], adam_state.nu[k]))
-                ops.adamw_leaves_(
-                    m_, list(g.grads), list(g.offsets), mu_, nu_, None if param_out is None else param_out[k].view(-1),
-                    lr=_on(lr, m_.device), step=_on(step, m_.device), beta1=b1, beta2=b2, eps=eps,
-                    weight_decay=[weight_decay if keep(path) else 0.0 for path in g.paths],
-                    grad_scale=grad_scale, found_inf=found_inf,
-                )
-                continue
-            n = g.numel()
-            decayed = _runs(info, k, n, keep)
-            # Alternate decayed / undecayed runs covering the whole buffer.
-            cuts, pos = [], 0
-            for a, b in decayed:
-                if a > pos:
-                    cuts.append((pos, a, 0.0))
-                cuts.append((a, b, weight_decay))
-                pos = b
-            if pos < n:
-                cuts.append((pos, n, 0.0))
-            # The kernel works on flat 1-D buffers; leaves of any shape are viewed flat.
-            m_, g_, mu_, nu_ = (t.view(-1) for t in (master[k], g, adam_state.mu[k], adam_state.nu[k]))
-            po = None if param_out is None else param_out[k].view(-1)
-            # Counts kept on the host (placement rules putting some groups on the device) are
-            # read as numbers there: no device sync, no copy.
-            step_k, lr_k = _on(step, m_.device), _on(lr, m_.device)
-            for a, b, wd in cuts:
-                ops.adamw_(
-                    m_[a:b],
-                    g_[a:b],
-                    mu_[a:b],
-                    nu_[a:b],
-                    None if po is None else po[a:b],
-                    lr=lr_k, step=step_k, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
-                    grad_scale=grad_scale, found_inf=found_inf,
-                )
-        advance = 1 if found_inf is None else (found_inf == 0).to(torch.int32)
-        return (
-            ScaleByAdamState(adam_state.count + advance, adam_state.mu, adam_state.nu),
-            empty,
-            ScaleByScheduleState(sched.count + advance),
-        )
-
-    # Elementwise per buffer: an engine may call it group by group ({g: grad} at a time), with
-    # the same incoming state each time; the moments update in place, the counts come back
-    # advanced (fused_apply({}, state, {}) returns the new state alone). It reads LeafGrads (the
-    # engine's one-rank gradients) as they are.
-    fused = FusedUpdate(
-        fused_apply,
-        groupwise=lambda state: Groupwise(None, fused_apply, state, lambda _, new: new),
-        takes_leaves=True,
-    )
-    return GradientTransformation(inner.init, inner.update, Traits(fused=fused))
+    return GradientTransformation(inner.init, inner.update,
+                                  Traits(fused=_fused_adamw(learning_rate, b1, b2, eps, weight_decay, LeafRule(mask, where="adamw"))))
 
 
 def nadamw(
