@@ -15,6 +15,7 @@ from funzero._binding import Binding, param_count
 from funzero._counts import format_bytes, parse_count
 from funzero._graph import cuda_graph
 from funzero._group import track_gathered
+from funzero._materialize import init_weights
 from funzero._memory import MemoryEstimate, estimate_memory, layouts_for_num_params
 from funzero._plan import STAGES, Plan, StateSpecs, zero
 from funzero._planner import Candidate, StageChoice, choose_stage
@@ -56,6 +57,7 @@ __all__ = [
     "fp32",
     "gather_params",
     "init",
+    "init_weights",
     "load_state",
     "losses",
     "optim",

@@ -29,6 +29,7 @@ __all__ = [
     "CommCounter",
     "all_gather",
     "all_reduce",
+    "broadcast",
     "count_comm",
     "reduce_scatter",
 ]
@@ -180,3 +181,14 @@ def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg"
         dist.all_reduce(out, op=rop, group=group)
         return out.div_(mesh.size(axis)) if divide else out
     return fc.wait_tensor(fc.all_reduce(x.contiguous(), op, group))
+
+
+def broadcast(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, src: int = 0, tag: str = "init") -> torch.Tensor:
+    """Rank ``src`` of ``axis``'s ``x`` on every rank of it, in place (eager only: for ``init``)."""
+    group = mesh.group(axis)
+    if group is None:
+        return x
+    _record("broadcast", tag, x.numel(), x.element_size(), x)
+    x = x.contiguous()
+    dist.broadcast(x, src=dist.get_global_rank(group, src), group=group)
+    return x

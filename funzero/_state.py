@@ -6,7 +6,7 @@ model's values, the memory model (``_memory.py``) on meta tensors, so the two ca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optree
@@ -120,34 +120,39 @@ def _release(model: nn.Module, binding: Binding) -> None:
             model.get_submodule(mp)._parameters[ln] = ghost
 
 
-def build_state(b: Binding, tx: GradientTransformation, values: Mapping[str, torch.Tensor] | None,
+def build_state(b: Binding, tx: GradientTransformation, fill: Callable[[str, int, int, torch.dtype], torch.Tensor] | None,
                 device: torch.device | str, *, place: bool = True) -> TrainState:
     """The initial state of binding ``b``: each group's leaves packed (in the master dtype, so the
     fp32 master is exact) into one flat buffer, of which each part keeps what its spec says.
 
-    ``values=None`` builds it of meta tensors (shapes and dtypes only); ``place=False`` leaves
-    every buffer where it was made instead of where the placement says.
+    ``fill(group, lo, hi, dtype)`` gives the elements ``[lo, hi)`` of a group's flat buffer: only
+    this rank's shard range where every part of the group is sharded, the whole buffer otherwise
+    (one group at a time; ``funzero._materialize.Filler``). ``fill=None`` builds the state of meta
+    tensors (shapes and dtypes only); ``place=False`` leaves every buffer where it was made instead
+    of where the placement says.
     """
     precision, specs, pl = b.precision, b.specs, b.placement
     master_dtype = precision.opt_dtype
     out_params, out_master = {}, {}
+    whole = not is_sharded(specs.params)  # replicated params need the whole buffer (sharded ones imply a sharded master)
 
     def put(key, t, name, g):
         return pl.place(key, t, name=name, g=g) if place else t
 
     for g, lay in b.layouts.items():
-        if values is None:
-            full = torch.empty(lay.padded, dtype=master_dtype, device="meta")
+        lo, hi = (0, lay.padded) if whole else lay.shard_range(b.rank)
+        if fill is None:
+            made = torch.empty(hi - lo, dtype=master_dtype, device="meta")
         else:
-            out = torch.zeros(lay.padded, dtype=master_dtype, device=device)
-            full = lay.pack({p: values[p] for p in lay.paths}, device=device, out=out)
-        own = lay.shard(full, b.rank)
+            made = fill(g, lo, hi, master_dtype)
+        full = made if hi - lo == lay.padded else None
+        own = lay.shard(full, b.rank) if full is not None else made
         held = own if is_sharded(specs.params) else full
         out_params[g] = put("params", held.to(precision.param_dtype, copy=True), f"params.{g}", g)
         if precision.has_master:
             mine = own.clone() if is_sharded(specs.opt_state) else full
             out_master[g] = put("opt_state", mine, f"master.{g}", g)
-        del full, own, held
+        del full, own, held, made
     opt_target = out_master if precision.has_master else (
         {g: specs.opt_view(t, b.layouts[g], b.rank) for g, t in out_params.items()}
     )
@@ -159,7 +164,7 @@ def build_state(b: Binding, tx: GradientTransformation, values: Mapping[str, tor
         if specs.reduce == "step":
             grad_like = out_params
         else:
-            grad_like = {g: torch.empty(t.shape, dtype=t.dtype, device=t.device if values is None else device)
+            grad_like = {g: torch.empty(t.shape, dtype=t.dtype, device=t.device if fill is None else device)
                          for g, t in opt_target.items()}
         opt_state = acc.init(opt_target, grad_like=grad_like)
         inner = acc.inner_state(opt_state)
@@ -171,8 +176,8 @@ def build_state(b: Binding, tx: GradientTransformation, values: Mapping[str, tor
     if precision.loss_scaling is not None:
         from funzero._scaler import init_scaler
 
-        scaler = init_scaler(precision.loss_scaling, "meta" if values is None else device)
-    step = torch.zeros((), dtype=torch.int64, device="meta" if values is None else device)
+        scaler = init_scaler(precision.loss_scaling, "meta" if fill is None else device)
+    step = torch.zeros((), dtype=torch.int64, device="meta" if fill is None else device)
     return TrainState(step, out_params, out_master if precision.has_master else None, opt_state, scaler, b)
 
 
@@ -183,46 +188,110 @@ def init(
     *,
     precision: Precision | None = None,
     params: Mapping[str, torch.Tensor] | None = None,
+    weights=None,
+    init_fn: Callable[[nn.Module], Any] | None = None,
+    seed: int = 0,
     release: bool = True,
 ) -> TrainState:
     """The initial training state of ``model`` under ``plan``.
 
     Each group's leaves are packed (in the master dtype, so the fp32 master is exact) into one
-    flat buffer; each rank keeps what its plan's specs hold and drops the rest.
+    flat buffer; each rank keeps what its plan's specs hold and drops the rest. Groups are made
+    one at a time, so a model built under ``torch.device("meta")`` never exists whole: each rank
+    makes only the range of each group it holds (the whole group where the specs replicate it).
+
+    Where each parameter's initial value comes from, first match wins: ``params``; ``weights``;
+    the module's own tensor when it is not on the meta device; otherwise it is made: the modules
+    holding it get fresh storage on the compute device and ``init_fn(module)`` (else the Hugging
+    Face model's ``_init_weights``, else ``reset_parameters()``) runs with the random generators
+    seeded from ``(seed, module path)``. Made values depend on the seed and the module alone, not
+    on the world size or stage; :func:`funzero.init_weights` makes the same values eagerly. Values
+    taken from the module itself are rank 0's on every rank (a broadcast per group), so replicated
+    parameters cannot start apart. Buffers on the meta device are made the same way.
 
     Args:
-        model: any ``nn.Module``; its trainable parameters are the initial values (or ``params``).
+        model: any ``nn.Module``, on the meta device or not.
         tx: the optimizer; its state is built over the master (or param) buffers.
         plan: from :func:`funzero.zero`.
         precision: ``funzero.fp32()`` (default), ``bf16()`` or ``fp16()``.
-        params: initial values by leaf path, overriding the module's own.
+        params: initial values by leaf path, overriding everything else.
+        weights: a safetensors file, a Hugging Face model directory (``model.safetensors`` or a
+            sharded ``model.safetensors.index.json``) or a ``save_state`` checkpoint directory;
+            every rank reads only the ranges it holds. Keys are matched to the module's
+            state-dict names (tied parameters load once); a missing, extra or mis-shaped tensor
+            is an error naming it.
+        init_fn: ``init_fn(module)`` initialises one module's own parameters in place.
+        seed: the seed made values derive from.
         release: replace the module's parameters by meta tensors, so the module is a template
             and the state is the only owner of parameter memory (ZeRO's memory needs this).
 
     Returns:
         a :class:`TrainState` on ``plan.mesh.device``.
     """
+    from funzero._materialize import Filler, module_init
     from funzero._step import as_transformation
 
     tx = as_transformation(tx)
-    precision = precision or fp32()
+    if precision is None:
+        precision = fp32()
     binding = bind(model, plan, precision)
-    named = dict(model.named_parameters())
-    values = {p: (params[p] if params is not None and p in params else named[p]) for p in binding.paths}
-    for p, v in values.items():
-        if v.device.type == "meta":
-            raise ValueError(f"parameter {p!r} is on the meta device; pass its value in params=")
+    device = plan.mesh.device
+    source, key_map = _open_weights(weights, model, binding)
+    needs_init = init_fn is not None or any(
+        t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
+    filler = Filler(model, binding, overrides=params, weights=source, key_map=key_map,
+                    init=module_init(model, init_fn) if needs_init else None, seed=seed, device=device)
     nvme = binding.placement.nvme()
     if nvme is not None:
         from funzero._memory import estimate_memory
 
         # The memory model's NVMe figure already counts the copy each update writes.
         nvme.check_space(estimate_memory(binding, tx=tx).nvme // 2)
-    state = build_state(binding, tx, values, plan.mesh.device)
+    fill = filler.fill
+    if plan.num_shards > 1 and source is None:
+        fill = _rank0_values(filler, plan, binding)
+    try:
+        state = build_state(binding, tx, fill, device)
+        filler.finish()
+    finally:
+        if source is not None:
+            source.close()
     if release:
         _release(model, binding)
     model.__dict__[_BINDING_ATTR] = binding
     return state
+
+
+def _open_weights(weights, model: nn.Module, binding: Binding):
+    """``(source, {leaf path: key})`` for ``init(weights=...)``, or ``(None, None)``."""
+    if weights is None:
+        return None, None
+    from funzero._weights import map_keys, open_weights
+
+    source = open_weights(weights)
+    try:
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        key_map = map_keys(source, shapes, binding.aliases)
+    except BaseException:
+        source.close()
+        raise
+    return source, key_map
+
+
+def _rank0_values(filler, plan: Plan, b: Binding):
+    """``fill`` where values the module holds (not made from a seed) are rank 0's on every rank:
+    such a group is filled whole on rank 0 and broadcast, and each rank keeps its range."""
+    from funzero._collectives import broadcast
+
+    def fill(g: str, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        lay = b.layouts[g]
+        if all(filler.needs_making(s.path) for s in lay.slots):
+            return filler.fill(g, lo, hi, dtype)  # made from (seed, module): equal everywhere
+        full = filler.fill(g, 0, lay.padded, dtype)
+        full = broadcast(full, plan.mesh, plan.axis, tag="init")
+        return full[lo:hi]
+
+    return fill
 
 
 def _place_tree(pl, tree, prefix: str):

@@ -92,6 +92,11 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
         self.fused = fused
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.bias is not None:
             return _ops().layer_norm(x, self.weight, self.bias, 1e-5)
@@ -103,6 +108,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.init_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual projections
         self.n_head = cfg.n_head
         self.fused = cfg.uses("qkv")
         self.bias_outside = cfg.uses("resnorm") and cfg.bias  # c_proj's bias joins the residual (Block)
@@ -125,6 +131,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.init_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         self.fused = cfg.uses("gelu") and cfg.bias
         self.fused_bwd = cfg.uses("mlp")
         self.bias_outside = cfg.uses("resnorm") and cfg.bias  # c_proj's bias joins the residual (Block)
@@ -185,13 +192,16 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied (Press & Wolf, 2017)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+            # Drawn a second time, as the first GPT here did, so that a seed gives the weights it
+            # always gave (_init_weights alone, what funzero.init uses on a meta model, draws once).
+            if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
+        """One module's init (``funzero.init`` calls it module by module on a meta model)."""
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            nn.init.normal_(m.weight, mean=0.0, std=getattr(m, "init_std", 0.02))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
