@@ -9,7 +9,7 @@ import torch
 
 import funzero as fz
 from funzero import optim
-from funzero._precision import LossScaleConfig
+from funzero import LossScaleConfig
 from funzero._scaler import init_scaler, update_scaler
 
 
