@@ -84,6 +84,7 @@ def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2) 
     Returns:
         the path of the new step directory.
     """
+    state.check_alive("save_state")
     state.binding.placement.sync()  # a delayed host update still running would be saved half-done
     n, rank, group = _world(plan)
     b = state.binding

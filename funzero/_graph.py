@@ -69,6 +69,8 @@ class _Graphed:
     def _body(self):
         """One step on the recorded buffers, then the new leaves copied into the incoming ones."""
         new_state, metrics = self.step(self.state, optree.tree_unflatten(self.batch_spec, self.batch_leaves))
+        if hasattr(self.state, "donated_at"):
+            self.state.donated_at = None  # the new leaves are copied back into it below: it lives on
         paths, new_leaves, spec = _leaves(new_state)
         if len(new_leaves) != len(self.state_leaves):
             raise ValueError(f"cuda_graph: the step returned a state of another structure ({spec})")

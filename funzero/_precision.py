@@ -27,12 +27,18 @@ class Precision:
     loss_scaling: "LossScaleConfig | None" = None
 
     def __post_init__(self) -> None:
+        for name in ("param_dtype", "master_dtype", "reduce_dtype"):
+            dt = getattr(self, name)
+            if dt is None and name != "param_dtype":
+                continue
+            if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+                raise ValueError(f"{name} must be a floating-point torch.dtype, got {name}={dt!r}")
         if self.master_dtype is not None and self.master_dtype == self.param_dtype:
             raise ValueError(
                 f"master_dtype equals param_dtype ({self.param_dtype}); use master_dtype=None"
             )
-        if not self.param_dtype.is_floating_point:
-            raise ValueError(f"param_dtype must be floating point, got {self.param_dtype}")
+        if self.loss_scaling is not None and not isinstance(self.loss_scaling, LossScaleConfig):
+            raise ValueError(f"loss_scaling must be a LossScaleConfig, got {type(self.loss_scaling).__name__}")
 
     @property
     def has_master(self) -> bool:
@@ -58,12 +64,18 @@ class LossScaleConfig:
     min_loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.loss_scale_window < 1:
-            raise ValueError(f"loss_scale_window must be >= 1, got {self.loss_scale_window=}")
-        if self.hysteresis < 1:
-            raise ValueError(f"hysteresis must be >= 1, got {self.hysteresis=}")
-        if self.min_loss_scale <= 0:
-            raise ValueError(f"min_loss_scale must be > 0, got {self.min_loss_scale=}")
+        # The scale is an fp32 number: 2**127 is the largest power of two it holds; 2**200 is inf
+        # and would skip every step for ever.
+        p = self.initial_scale_power
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 127:
+            raise ValueError(f"initial_scale_power must be an int in [0, 127] (the scale is 2**power in fp32), got {p!r}")
+        for name in ("loss_scale_window", "hysteresis"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={v!r}")
+        m = self.min_loss_scale
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 < m < 2.0**127:
+            raise ValueError(f"min_loss_scale must be a finite number > 0, got min_loss_scale={m!r}")
 
 
 def fp32() -> Precision:

@@ -49,6 +49,16 @@ class TrainState:
         self.opt_state = opt_state
         self.scaler = scaler
         self.binding = binding
+        self.donated_at = None  # the step count when a train step consumed this state (not a leaf)
+
+    def check_alive(self, what: str) -> None:
+        """Raise if a train step has consumed this state: its buffers belong to the state that
+        step returned (they were updated in place)."""
+        if self.donated_at is not None:
+            raise ValueError(
+                f"{what} got a TrainState that was donated to a train step at step {int(self.donated_at)}: "
+                "the step updated its buffers in place; use the state that call returned"
+            )
 
     def tree_flatten(self):
         return (self.step, self.params, self.master, self.opt_state, self.scaler), self.binding, (
@@ -232,9 +242,11 @@ def init(
     from funzero._step import as_transformation
 
     tx = as_transformation(tx)
-    if precision is None:
-        precision = fp32()
+    precision = _precision_of(precision)
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a funzero.Plan from funzero.zero(...), got {type(plan).__name__}")
     binding = bind(model, plan, precision)
+    _agree(plan, binding, tx)  # the first collective of init: ranks that disagree stop here, all of them
     device = plan.mesh.device
     source, key_map = _open_weights(weights, model, binding)
     needs_init = init_fn is not None or any(
@@ -260,6 +272,61 @@ def init(
         _release(model, binding)
     model.__dict__[_BINDING_ATTR] = binding
     return state
+
+
+def _fingerprint(plan: Plan, b: Binding, tx: GradientTransformation) -> list[tuple[str, str]]:
+    """What every rank must agree on, item by item: the plan's specs and options, the
+    precision, each group's leaves and shapes, and the optimizer state's structure."""
+    items = [
+        ("the ZeRO stage", str(b.stage)),
+        ("the specs", repr(b.specs)),
+        ("the precision", repr(b.precision)),
+        ("the batch convention", plan.batch),
+        # kinds, not spellings: each rank may keep its NVMe files in a directory of its own
+        ("the placement", repr({k: {g: b.placement.kind(k, g) for g in b.layouts} for k in ("params", "opt_state")})),
+        ("the host update modes", f"delayed_update={plan.delayed_update}, async_update={plan.async_update}"),
+        ("the groups", repr(list(b.layouts))),
+    ]
+    for g, lay in b.layouts.items():
+        items.append((f"group {g!r}", repr([(s.path, s.shape) for s in lay.slots])))
+    meta = build_state(b, tx, None, "meta", place=False)
+    paths, leaves, spec = optree.tree_flatten_with_path(meta.opt_state, namespace="funzero")
+    shapes = [(p, tuple(t.shape), str(t.dtype)) for p, t in zip(paths, leaves) if isinstance(t, torch.Tensor)]
+    items.append(("the optimizer state's structure", f"{spec}; {shapes}"))
+    return items
+
+
+def _agree(plan: Plan, b: Binding, tx: GradientTransformation) -> None:
+    """Compare the fingerprint across the data-parallel ranks (one object all-gather); any
+    difference raises on every rank, naming the first item that differs."""
+    group = plan.mesh.group(plan.axis)
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    mine = _fingerprint(plan, b, tx)
+    everyone: list = [None] * plan.num_shards
+    dist.all_gather_object(everyone, mine, group=group)
+    for i, (name, desc) in enumerate(everyone[0]):
+        for r, theirs in enumerate(everyone):
+            if i >= len(theirs) or theirs[i] != (name, desc):
+                other = theirs[i][1] if i < len(theirs) and theirs[i][0] == name else (theirs[i] if i < len(theirs) else "nothing")
+                raise ValueError(f"ranks disagree on {name}: rank 0 has {desc}, rank {r} has {other}")
+    for r, theirs in enumerate(everyone):
+        if len(theirs) != len(everyone[0]):
+            raise ValueError(f"ranks disagree on the number of groups: rank 0 has {len(b.layouts)}, rank {r} has others")
+
+
+def _precision_of(precision) -> Precision:
+    if precision is None:
+        return fp32()
+    if isinstance(precision, Precision):
+        return precision
+    hint = {torch.float32: "fz.fp32()", torch.bfloat16: "fz.bf16()", torch.float16: "fz.fp16()"}.get(precision)
+    raise ValueError(
+        f"precision must be a funzero.Precision (fz.fp32(), fz.bf16(), fz.fp16()), got {precision!r}"
+        + (f": use {hint}" if hint else "")
+    )
 
 
 def _open_weights(weights, model: nn.Module, binding: Binding):
@@ -319,6 +386,7 @@ def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.d
         dtype: cast to this dtype (default: the master dtype where there is one, so fp32
             training returns exact values; bf16 returns the fp32 master, gathered).
     """
+    state.check_alive("gather_params")
     b = state.binding
     b.placement.sync()  # a delayed host update still running would be read half-done
     out = {}
@@ -346,5 +414,6 @@ def sync(state: TrainState) -> TrainState:
     ``gather_params`` call it. Where replicated parameters are refreshed by an all-gather of the
     updated shards (stages 1-2 on several ranks), it is a collective: call it on every rank.
     """
+    state.check_alive("sync")
     state.binding.placement.sync()
     return state

@@ -55,7 +55,11 @@ def as_transformation(tx) -> GradientTransformation:
     if not isinstance(tx, GradientTransformation) and callable(getattr(tx, "gradient_transformation", None)):
         tx = tx.gradient_transformation()
     if not isinstance(tx, GradientTransformation):
-        raise ValueError(f"tx must be a funzero.optim.GradientTransformation, got {type(tx).__name__}")
+        torch_opt = isinstance(tx, torch.optim.Optimizer) or (isinstance(tx, type) and issubclass(tx, torch.optim.Optimizer))
+        hint = (": funzero takes optax-style transforms, e.g. fz.optim.adamw(lr) for torch.optim.AdamW"
+                if torch_opt else "")
+        name = tx.__name__ if isinstance(tx, type) else type(tx).__name__
+        raise ValueError(f"tx must be a funzero.optim.GradientTransformation, got {name}{hint}")
     return tx
 
 
@@ -91,9 +95,13 @@ class Step:
             autograd made them (``funzero.testing.configure`` switches it off for comparisons).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, tx, plan: Plan, has_aux: bool) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, tx, plan: Plan, has_aux: bool, remat=None) -> None:
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be a funzero.Plan from funzero.zero(...), got {type(plan).__name__}")
+        if remat is not None:
+            from funzero._remat import remat as apply_remat
+
+            apply_remat(model, remat)
         self.model, self.loss_fn, self.plan, self.has_aux = model, loss_fn, plan, has_aux
         self.tx = as_transformation(tx)
         self.accumulate = self.tx.traits.accumulate
@@ -192,7 +200,10 @@ class Step:
         """``loss_fn`` run on the model: ``(loss, aux, the loss to differentiate)`` (times the fp16
         loss scale, if any)."""
         out = self.loss_fn(self.model, batch)
+        if self.has_aux and not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(f"with has_aux=True loss_fn must return (loss, aux), got {type(out).__name__}")
         loss, aux = out if self.has_aux else (out, None)
+        _check_loss(loss, self.has_aux)
         return loss, aux, (loss * loss_scale if loss_scale is not None else loss)
 
     def forward_backward(self, state: TrainState, batch: Any, loss_scale, stream=None):
@@ -238,6 +249,12 @@ class Step:
         return all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
 
     def __call__(self, state: TrainState, batch: Any):
+        state.check_alive("the train step")
+        new_state, metrics = self._step(state, batch)
+        state.donated_at = state.step  # its buffers are new_state's now
+        return new_state, metrics
+
+    def _step(self, state: TrainState, batch: Any):
         self.prepare(state.binding)
         p, b = self.plan, state.binding
         batch = _local_batch(batch, p)
@@ -276,6 +293,25 @@ class Step:
         return new_state, _with_aux(metrics, aux)
 
 
+def _check_loss(loss, has_aux: bool) -> None:
+    """The loss must be a scalar floating tensor that depends on the parameters (its message, built
+    only on failure, says what came back instead)."""
+    if isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point() and loss.requires_grad:
+        return
+    if not isinstance(loss, torch.Tensor):
+        if hasattr(loss, "loss"):
+            raise ValueError(f"loss_fn returned a {type(loss).__name__}: return its `.loss` (a scalar tensor)")
+        if isinstance(loss, tuple) and not has_aux:
+            raise ValueError("loss_fn returned a tuple: return the loss alone, or (loss, aux) with has_aux=True")
+        raise ValueError(f"loss_fn must return a scalar floating-point tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}: reduce it to a scalar (e.g. .mean())")
+    if not loss.is_floating_point():
+        raise ValueError(f"loss_fn returned a {loss.dtype} tensor: the loss must be floating point")
+    raise ValueError("loss_fn returned a loss that does not depend on the model's parameters (requires_grad is "
+                     "False): compute it from apply(...)'s output")
+
+
 def _with_aux(metrics: dict, aux: Any) -> dict:
     if aux is not None:
         metrics["aux"] = optree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, aux)
@@ -289,6 +325,7 @@ def train_step(
     plan: Plan,
     *,
     has_aux: bool = False,
+    remat=None,
 ) -> Step:
     """Build ``step(state, batch) -> (state, metrics)`` for ``model`` under ``plan``.
 
@@ -298,6 +335,10 @@ def train_step(
             ``apply(*args, **kwargs)`` runs the model with the state's parameters.
         tx: the optimizer passed to ``init``.
         plan: the plan passed to ``init``.
+        remat: activation checkpointing rules ``[(module path regex, policy), ...]`` applied to
+            ``model`` once, here (:func:`funzero.remat`: ``"full"``, ``"selective"``,
+            ``"offload"``); a recomputed module's sharded groups are gathered again for the
+            recompute.
 
     Returns:
         A pure step: the incoming state is donated (updated in place) and must not be reused.
@@ -316,4 +357,4 @@ def train_step(
         >>> step = fz.compile(train_step(model, loss_fn, tx, plan))
         >>> state, metrics = step(state, batch)
     """
-    return Step(model, loss_fn, tx, plan, has_aux)
+    return Step(model, loss_fn, tx, plan, has_aux, remat)

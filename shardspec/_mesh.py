@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Sequence
 
@@ -61,7 +62,8 @@ class Mesh:
             axis_names: names of the axes, outermost first.
             shape: sizes of the axes; ``None`` puts the whole world on the last axis.
             device_type: ``"cuda"`` or ``"cpu"``; defaults to cuda when available.
-            backend: process-group backend when one must be initialised (nccl on cuda, else gloo).
+            backend: process-group backend when one must be initialised (nccl on cuda, else gloo),
+                with a collective timeout of ``FUNZERO_TIMEOUT_S`` seconds (default 600).
         """
         if device_type is None:
             device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,7 +71,9 @@ class Mesh:
         if not dist.is_initialized() and world > 1:
             if device_type == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend or ("nccl" if device_type == "cuda" else "gloo"))
+            # A rank that never arrives ends the others after this long, not torch's 30 minutes.
+            timeout = datetime.timedelta(seconds=float(os.environ.get("FUNZERO_TIMEOUT_S", "600")))
+            dist.init_process_group(backend or ("nccl" if device_type == "cuda" else "gloo"), timeout=timeout)
         if dist.is_initialized():
             world = dist.get_world_size()
         if shape is None:

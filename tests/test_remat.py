@@ -268,3 +268,29 @@ def test_bad_rules_name_the_offender():
         fz.remat(llama(use_cache=True), [(LAYERS, "full")])
     with pytest.raises(ValueError, match=r"remat needs an nn.Module, got dict"):
         fz.remat({}, [(LAYERS, "full")])
+
+
+def test_train_step_takes_remat_rules_and_the_gpt_recompute_is_one_use_of_them():
+    """train_step(..., remat=rules) is fz.remat applied once; GPTConfig(recompute=K) is the rule
+    for its first K blocks. Both give the plain model's losses (recompute changes no value)."""
+    import funzero as fz
+    from tests._models import GROUPS, batches, lm_loss, tiny_gpt
+
+    def run(model, **kw):
+        plan = fz.zero(3, groups=GROUPS)
+        tx = fz.optim.adamw(1e-2)
+        state = fz.init(model, tx, plan)
+        step = fz.train_step(model, lm_loss, tx, plan, **kw)
+        out = []
+        for b in batches(3):
+            state, m = step(state, b)
+            out.append(float(m["loss"]))
+        return out, model
+
+    plain, _ = run(tiny_gpt())
+    ruled, model = run(tiny_gpt(), remat=[(r"blocks\.\d+", "full")])
+    assert ruled == plain
+    assert model.blocks[0].__dict__["_funzero_remat"][0] == "full"
+    recomputed, model = run(tiny_gpt(recompute=1))
+    assert recomputed == plain
+    assert "_funzero_remat" in model.blocks[0].__dict__ and "_funzero_remat" not in model.blocks[1].__dict__

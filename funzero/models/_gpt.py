@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["GPT", "GPTConfig", "gpt_config"]
 
@@ -166,18 +165,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _recomputed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)``, its activations recomputed in backward. The recompute runs with the
-    parameter tensors this forward used, captured here: backward may run after a
-    ``functional_call`` that swapped them in has returned (as in funzero's step)."""
-    params = dict(block.named_parameters())
-
-    def run(x):
-        return torch.func.functional_call(block, params, (x,))
-
-    return checkpoint(run, x, use_reentrant=False)
-
-
 class GPT(nn.Module):
     """GPT-2. ``forward(idx)`` gives logits (B, T, V); ``forward(idx, targets)`` the mean loss."""
 
@@ -196,6 +183,10 @@ class GPT(nn.Module):
             # always gave (_init_weights alone, what funzero.init uses on a meta model, draws once).
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.recompute:  # one use of the rules any model takes (funzero.remat)
+            from funzero._remat import remat
+
+            remat(self, [(rf"blocks\.({'|'.join(map(str, range(cfg.recompute)))})", "full")])
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -213,8 +204,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = _recomputed(block, x) if i < self.cfg.recompute and torch.is_grad_enabled() else block(x)
+        for block in self.blocks:
+            x = block(x)
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
