@@ -31,13 +31,24 @@ def _build(name: str, *, meta: bool):
     with ctx:
         if name == "gpt":
             return GPT(TINY)
+        if name == "hf-gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64,
+                                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        if name == "mistral":
+            from transformers import MistralConfig, MistralForCausalLM
+
+            return MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    num_key_value_heads=2, intermediate_size=64, vocab_size=101,
+                                                    max_position_embeddings=64))
         from transformers import LlamaForCausalLM
 
         return LlamaForCausalLM(_llama_config(tie_word_embeddings=name == "llama-tied"))
 
 
 def _groups(name):
-    return GROUPS if name == "gpt" else LLAMA_GROUPS
+    return {"gpt": GROUPS, "hf-gpt2": [r"transformer\.h\.(\d+)\."]}.get(name, LLAMA_GROUPS)
 
 
 def _meta_init(rank, world, name, stages, seed):
@@ -52,8 +63,10 @@ def _meta_init(rank, world, name, stages, seed):
     return out
 
 
-@pytest.mark.parametrize("name", ["gpt", "llama", "llama-tied"])
-def test_meta_init_equals_eager_init_of_the_same_seed_at_every_stage_and_world(name):
+@pytest.mark.slow
+@pytest.mark.parametrize("name,worlds", [("gpt", (1, 2)), ("llama", (1, 2)), ("llama-tied", (2,)), ("mistral", (2,)),
+                                         ("hf-gpt2", (2,))])
+def test_meta_init_equals_eager_init_of_the_same_seed_at_every_stage_and_world(name, worlds):
     """fz.init of a meta-device model makes the values fz.init_weights makes eagerly (module by
     module, seeded by the module path), bit for bit, whatever the stage or the world size."""
     ref_model = fz.init_weights(_build(name, meta=True), seed=7)
@@ -62,7 +75,7 @@ def test_meta_init_equals_eager_init_of_the_same_seed_at_every_stage_and_world(n
     assert all(v.device.type == "cpu" for v in ref.values())
     other = dict(fz.init_weights(_build(name, meta=True), seed=8).named_parameters())
     assert not torch.equal(other[next(iter(ref))], ref[next(iter(ref))])  # the seed matters
-    for world in (1, 2):
+    for world in worlds:
         got = run_world(_meta_init, world, name, (0, 1, 2, 3), 7)[0]
         for stage, (full, bufs) in got.items():
             assert full.keys() == ref.keys(), (world, stage)
