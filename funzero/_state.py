@@ -282,10 +282,10 @@ def _fingerprint(plan: Plan, b: Binding, tx: GradientTransformation) -> list[tup
         ("the specs", repr(b.specs)),
         ("the precision", repr(b.precision)),
         ("the batch convention", plan.batch),
+        ("the groups", repr(list(b.layouts))),  # before the placement, which is listed per group
         # kinds, not spellings: each rank may keep its NVMe files in a directory of its own
         ("the placement", repr({k: {g: b.placement.kind(k, g) for g in b.layouts} for k in ("params", "opt_state")})),
         ("the host update modes", f"delayed_update={plan.delayed_update}, async_update={plan.async_update}"),
-        ("the groups", repr(list(b.layouts))),
     ]
     for g, lay in b.layouts.items():
         items.append((f"group {g!r}", repr([(s.path, s.shape) for s in lay.slots])))
