@@ -7,7 +7,7 @@
 """
 
 from funzero import losses, optim, testing
-from funzero._checkpoint import load_state, save_state
+from funzero._checkpoint import load_state, save_state, wait_saves
 from funzero._compile import compile
 from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._activations import ActivationEstimate, gpt_activations
@@ -25,6 +25,7 @@ from funzero._state import TrainState, gather_params, init, state_nbytes, sync
 from funzero._step import Step, train_step
 from funzero._remat import remat, save_matmuls
 from funzero._deepspeed import Initialized, block_rules, initialize
+from funzero._weights import WeightSource, gather_weights, map_keys, open_weights, save_weights
 
 __all__ = [
     "ActivationEstimate",
@@ -75,4 +76,11 @@ __all__ = [
     "Initialized",
     "block_rules",
     "initialize",
+    "wait_saves",
+    "WeightSource",
+    "gather_weights",
+    "map_keys",
+    "open_weights",
+    "save_weights",
 ]
+

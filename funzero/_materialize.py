@@ -210,13 +210,26 @@ class Filler:
 
     def finish(self) -> None:
         """Buffers the model was built with on the meta device get their values (the template
-        computes with them: rotary frequencies, say), made like parameters."""
+        computes with them: rotary frequencies, say): from the weights where they hold them,
+        else made like parameters."""
         for mp, module in self.model.named_modules():
-            if any(b is not None and b.device.type == "meta" for b in module._buffers.values()):
-                if self.init is None:
-                    name = next(n for n, b in module._buffers.items() if b is not None and b.device.type == "meta")
-                    raise ValueError(f"buffer {mp + '.' + name if mp else name!r} is on the meta device; pass init_fn=")
-                for name, b in list(module._buffers.items()):
-                    if b is not None and b.device.type == "meta":
-                        module._buffers[name] = torch.empty_like(b, device=self.device)
-                _run_init(self.init, module, mp, self.seed, self.device)
+            meta = [n for n, b in module._buffers.items() if b is not None and b.device.type == "meta"]
+            if not meta:
+                continue
+            loaded = []
+            for name in meta:
+                key = f"{mp}.{name}" if mp else name
+                b = module._buffers[name]
+                module._buffers[name] = torch.empty_like(b, device=self.device)
+                if self.weights is not None and key in self.weights:
+                    module._buffers[name].copy_(self.weights.read(key).view(b.shape))
+                    loaded.append(name)
+            if len(loaded) == len(meta):
+                continue
+            if self.init is None:
+                name = next(n for n in meta if n not in loaded)
+                raise ValueError(f"buffer {mp + '.' + name if mp else name!r} is on the meta device; pass init_fn=")
+            kept = {n: module._buffers[n].clone() for n in loaded}
+            _run_init(self.init, module, mp, self.seed, self.device)
+            for n, t in kept.items():  # what the weights hold wins over what init makes
+                module._buffers[n].copy_(t)

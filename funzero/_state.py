@@ -253,12 +253,7 @@ def init(
         t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
     filler = Filler(model, binding, overrides=params, weights=source, key_map=key_map,
                     init=module_init(model, init_fn) if needs_init else None, seed=seed, device=device)
-    nvme = binding.placement.nvme()
-    if nvme is not None:
-        from funzero._memory import estimate_memory
-
-        # The memory model's NVMe figure already counts the copy each update writes.
-        nvme.check_space(estimate_memory(binding, tx=tx).nvme // 2)
+    _check_nvme_space(binding, tx)
     fill = filler.fill
     if plan.num_shards > 1 and source is None:
         fill = _rank0_values(filler, plan, binding)
@@ -272,6 +267,15 @@ def init(
         _release(model, binding)
     model.__dict__[_BINDING_ATTR] = binding
     return state
+
+
+def _check_nvme_space(binding: Binding, tx: GradientTransformation) -> None:
+    nvme = binding.placement.nvme()
+    if nvme is not None:
+        from funzero._memory import estimate_memory
+
+        # The memory model's NVMe figure already counts the copy each update writes.
+        nvme.check_space(estimate_memory(binding, tx=tx).nvme // 2)
 
 
 def _fingerprint(plan: Plan, b: Binding, tx: GradientTransformation) -> list[tuple[str, str]]:
@@ -338,7 +342,8 @@ def _open_weights(weights, model: nn.Module, binding: Binding):
     source = open_weights(weights)
     try:
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        key_map = map_keys(source, shapes, binding.aliases)
+        buffers = [n for n, _ in model.named_buffers()]
+        key_map = map_keys(source, shapes, binding.aliases, skip=buffers)
     except BaseException:
         source.close()
         raise
@@ -378,31 +383,23 @@ def _place_tree(pl, tree, prefix: str):
     return optree.tree_unflatten(spec, out)
 
 
-def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The full parameters ``{leaf path: tensor}`` on every rank (a collective where they are sharded).
+def gather_params(state: TrainState, plan: Plan | None = None, *, dtype: torch.dtype | None = None,
+                  to_rank: int | None = None, names: str = "leaves") -> dict[str, torch.Tensor]:
+    """The full parameters ``{leaf path: tensor}``, gathered one group at a time (a collective
+    where they are sharded); ``funzero.gather_weights`` with the same arguments.
 
     Args:
         plan: needed to gather shards across ranks (the plan the state was made with).
         dtype: cast to this dtype (default: the master dtype where there is one, so fp32
             training returns exact values; bf16 returns the fp32 master, gathered).
+        to_rank: only this rank gets the tensors (the others get ``{}``); None: every rank.
+        names: ``"leaves"`` (a tied parameter once) or ``"state_dict"`` (every name
+            ``model.state_dict()`` lists, so ``model.load_state_dict`` takes the result).
     """
+    from funzero._weights import gather_weights
+
     state.check_alive("gather_params")
-    b = state.binding
-    b.placement.sync()  # a delayed host update still running would be read half-done
-    out = {}
-    use_master = state.master is not None
-    spec = b.specs.opt_state if use_master else b.specs.params
-    for g, lay in b.layouts.items():
-        src = state.master[g] if use_master else state.params[g]
-        if is_sharded(spec) and b.num_shards > 1:
-            if plan is None:
-                raise ValueError("gather_params of a sharded state needs the plan (its mesh)")
-            full = all_gather(src.detach().to(plan.mesh.device), plan.mesh, plan.axis, tag="gather_params")
-        else:
-            full = src.detach()
-        for path, v in lay.unpack(full).items():
-            out[path] = v.to(dtype or v.dtype, copy=True)
-    return out
+    return gather_weights(state, plan, to_rank=to_rank, names=names, dtype=dtype)
 
 
 @torch.compiler.disable  # host-side waiting: a graph break in a compiled step

@@ -187,3 +187,53 @@ def test_a_module_without_an_initialiser_is_named_and_init_fn_fills_it():
     state = fz.init(model, optim.sgd(0.1), plan, init_fn=init_fn)
     full = fz.gather_params(state, plan)
     assert torch.equal(full["1.w"], torch.full((4, 3), 0.5)) and torch.equal(full["0.bias"], torch.full((4,), 0.5))
+
+
+def _from_weights(rank, world, directory, stages):
+    from transformers import LlamaForCausalLM
+
+    out = {}
+    for stage in stages:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(_llama_config())
+        plan = fz.zero(stage, groups=LLAMA_GROUPS)
+        state = fz.init(model, optim.sgd(0.1), plan, weights=directory)
+        full = fz.gather_params(state, plan)
+        out[stage] = (full, {k: b.clone() for k, b in model.named_buffers()}) if rank == 0 else None
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shards", ["single", "sharded"])
+def test_meta_init_from_hugging_face_weights_equals_eager_load(shards, tmp_path):
+    """A model directory in Hugging Face layout (model.safetensors, or an index and its shards) read
+    into a meta model, each rank the ranges it holds: the values of the eager model with those
+    weights loaded, bit for bit, at every stage, one and two ranks."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(5)
+    eager = LlamaForCausalLM(_llama_config())
+    eager.save_pretrained(tmp_path, max_shard_size="20KB" if shards == "sharded" else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shards == "sharded")
+    want = {k: v.detach() for k, v in eager.named_parameters()}
+    for world in (1, 2):
+        for stage, (full, bufs) in run_world(_from_weights, world, str(tmp_path), (0, 1, 2, 3)).pop(0).items():
+            assert full.keys() == want.keys()
+            for k in want:
+                assert torch.equal(full[k], want[k]), (shards, world, stage, k)
+            for k, b in eager.named_buffers():
+                assert torch.equal(bufs[k], b), k
+
+
+def test_weights_that_do_not_fit_the_model_are_named(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(_llama_config()).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        bigger = LlamaForCausalLM(_llama_config(intermediate_size=96))
+    with pytest.raises(ValueError, match=r"shape \(64, 32\) in the source; the model's 'model.layers.0.mlp.gate_proj.weight' has shape \(96, 32\)"):
+        fz.init(bigger, optim.sgd(0.1), fz.zero(3, groups=LLAMA_GROUPS), weights=str(tmp_path))
+    with torch.device("meta"):
+        deeper = LlamaForCausalLM(_llama_config(num_hidden_layers=3))
+    with pytest.raises(ValueError, match=r"the weights have no 'model.layers.2"):
+        fz.init(deeper, optim.sgd(0.1), fz.zero(3, groups=LLAMA_GROUPS), weights=str(tmp_path))
