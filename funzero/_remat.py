@@ -23,10 +23,11 @@ Design note (the footguns this module guards):
   dynamo turns it into a tagged region that the partitioner recomputes in the backward graph;
   there is no Python-level recompute to feed. ``"offload"`` uses saved-tensor hooks, which dynamo
   cannot trace: the offloaded module's forward runs eagerly between graphs (a graph break).
-  Measured on torch 2.13: a compiled ``fz.train_step`` (``autograd.grad`` traced into the same
-  graph) refuses a recomputed region that holds attention, because the SDPA kernels are tagged as
-  random ops and that graph's remat pass takes none; GPT's own ``recompute=K`` fails the same way.
-  Compile the model, or run the step eagerly, until the engine compiles such steps jointly.
+  A compiled ``fz.train_step`` traces ``autograd.grad`` into the same graph, and that graph's
+  remat pass (torch 2.13) refuses to recompute any op tagged as random; the SDPA kernels carry
+  the tag even without dropout. So under compile every policy keeps the outputs of random-tagged
+  ops (for ``"full"``: each attention's output and log-sum-exp, a few percent of a layer's
+  activations) and recomputes the rest as asked.
 * **Hugging Face KV caches.** A cache is state the forward appends to; a recompute would append
   again. ``remat`` refuses a model whose ``config.use_cache`` is true (HF's own gradient
   checkpointing turns the cache off in training as well).
@@ -147,11 +148,29 @@ def _offloaded(fn, state, pin_memory, args, kwargs):
         return fn(*args, **kwargs)
 
 
-def _context_fn(policy) -> Callable | None:
-    if policy == "full":
-        return None
+def _recompute_all(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _seeded_saved(policy: Callable) -> Callable:
+    """``policy``, except that ops tagged as random (dropout, and the SDPA kernels, which carry
+    the tag even at ``dropout_p=0``) keep their outputs: the whole-step graph's remat pass
+    refuses to recompute them, and keeping them gives the values the forward saw."""
+
+    def chosen(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+            return CheckpointPolicy.MUST_SAVE
+        return policy(ctx, op, *args, **kwargs)
+
+    return chosen
+
+
+def _context_fn(policy, compiling: bool) -> Callable | None:
+    if policy == "full" and not compiling:
+        return None  # plain checkpoint: its recompute replays the generators' state
+    fn = {"full": _recompute_all, "selective": save_matmuls}.get(policy, policy)
     # A partial, not a lambda: dynamo accepts context_fn only in this form.
-    return functools.partial(create_selective_checkpoint_contexts, save_matmuls if policy == "selective" else policy)
+    return functools.partial(create_selective_checkpoint_contexts, _seeded_saved(fn) if compiling else fn)
 
 
 def _remat_forward(self: nn.Module, *args, **kwargs):
@@ -160,9 +179,10 @@ def _remat_forward(self: nn.Module, *args, **kwargs):
         return orig(*args, **kwargs)
     if policy == "offload":
         return _offloaded(orig, [d[k] for d, k in _state_slots(self)], pin_memory, args, kwargs)
-    ctx = _context_fn(policy)
+    compiling = torch.compiler.is_compiling()
+    ctx = _context_fn(policy, compiling)
     extra = {} if ctx is None else {"context_fn": ctx}
-    if torch.compiler.is_compiling():
+    if compiling:
         return checkpoint(orig, *args, use_reentrant=False, **extra, **kwargs)
     live = [(d, k) for d, k in _state_slots(self) if d[k] is not None]
     state = [d[k] for d, k in live]

@@ -14,6 +14,7 @@ shard's header is known before its data: shapes and dtypes come from the layouts
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -575,16 +576,24 @@ def _write_leaves(writer: _ShardWriter, b, g: str, full: torch.Tensor, dtype: to
         del t
 
 
+def _save_config(config, directory: str, dtype: torch.dtype) -> list[str]:
+    config = copy.deepcopy(config)
+    config.dtype = dtype  # what from_pretrained(dtype="auto") should load
+    config.save_pretrained(directory)
+    return ["config.json"]
+
+
 def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_size="5GB",
-                 dtype: torch.dtype | None = None, tied: str = "hf") -> list[str]:
+                 dtype: torch.dtype | None = None, tied: str = "hf", config=None) -> list[str]:
     """Write the parameters in Hugging Face layout; a collective over ``plan``'s ranks.
 
     ``model.safetensors`` when one shard suffices, else ``model-00001-of-0000N.safetensors`` and
     ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), under the module's
     state-dict names. Streaming: one group at a time is gathered to rank 0 (from the fp32 master
     where there is one), cast, written, and dropped; no rank holds more than one group in full.
-    Rank 0 writes; files appear under their names only when all are written. Add the model's
-    config (``model.config.save_pretrained(directory)``) and ``from_pretrained`` loads it.
+    Rank 0 writes; files appear under their names only when all are written. With ``config``
+    (a Hugging Face model's ``model.config``) the directory is what ``save_pretrained`` writes,
+    and ``from_pretrained(directory)`` loads it.
 
     Args:
         directory: created if needed; weight files of an earlier save there are replaced.
@@ -595,6 +604,8 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
             ``save_pretrained`` keeps, e.g. ``model.embed_tokens.weight`` and not
             ``lm_head.weight``; ``from_pretrained`` ties the other); ``"all"``: under every name,
             so that ``load_state_dict(strict=True)`` on an untied copy works.
+        config: anything with ``save_pretrained(directory)`` (a ``PretrainedConfig``), written
+            by rank 0 after the weights, with the stored dtype as its ``dtype``.
 
     Returns:
         the names of the files written (on every rank).
@@ -605,6 +616,8 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
     """
     if tied not in ("hf", "all"):
         raise ValueError(f"tied must be 'hf' or 'all', got {tied=}")
+    if config is not None and not callable(getattr(config, "save_pretrained", None)):
+        raise ValueError(f"config must have save_pretrained(directory) (a transformers config), got {type(config).__name__}")
     max_bytes = parse_size(max_shard_size)
     b = state.binding
     out_dtype = dtype or b.precision.param_dtype
@@ -635,6 +648,8 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
     if rank == 0 and error is None:
         try:
             written = writer.finish()
+            if config is not None:
+                written += _save_config(config, directory, out_dtype)
         except Exception as e:  # noqa: BLE001
             error = e
     if writer is not None and error is not None:

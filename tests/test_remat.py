@@ -294,3 +294,27 @@ def test_train_step_takes_remat_rules_and_the_gpt_recompute_is_one_use_of_them()
     recomputed, model = run(tiny_gpt(recompute=1))
     assert recomputed == plain
     assert "_funzero_remat" in model.blocks[0].__dict__ and "_funzero_remat" not in model.blocks[1].__dict__
+
+
+@pytest.mark.slow
+def test_a_compiled_step_recomputes_a_hugging_face_llama():
+    """fz.compile traces the backward into the step's graph, whose remat pass refused any region
+    holding attention (the SDPA kernels are tagged random): the README's own snippet failed."""
+    def run(remat, compiled):
+        model = llama()
+        plan = fz.zero(3, groups=[LAYERS + r"\."])
+        tx = fz.optim.sgd(0.5)  # updates proportional to the gradients (Adam would magnify rounding)
+        state = fz.init(model, tx, plan)
+        step = fz.train_step(model, llama_loss, tx, plan, remat=remat)
+        step = fz.compile(step) if compiled else step
+        losses = []
+        for seed in (1, 2):
+            state, m = step(state, llama_batch(seed=seed))
+            losses.append(float(m["loss"]))
+        return losses, fz.gather_params(state, plan)
+
+    ref_losses, ref = run(None, compiled=False)
+    losses, got = run([(LAYERS, "full")], compiled=True)
+    assert losses == pytest.approx(ref_losses, rel=1e-5) and losses[1] != losses[0]
+    for k in ref:
+        assert _rel(got[k], ref[k]) < 1e-6, (k, _rel(got[k], ref[k]))

@@ -374,6 +374,23 @@ def test_save_weights_arguments_and_a_failed_write(tmp_path, monkeypatch):
     assert _contents(d) == before  # no temporaries left
 
 
+def test_save_weights_with_the_config_is_a_directory_from_pretrained_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _hf("llama_untied")
+    plan = fz.zero(2, groups=[LAYERS["llama"]])
+    state = fz.init(model, optim.sgd(0.1), plan)
+    with pytest.raises(ValueError, match="config must have save_pretrained.*got dict"):
+        fz.save_weights(state, plan, str(tmp_path), config={"model_type": "llama"})
+    files = fz.save_weights(state, plan, str(tmp_path), dtype=torch.bfloat16, config=model.config)
+    assert files == ["model.safetensors", "config.json"] and model.config.dtype != torch.bfloat16
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))  # no dtype: the config's
+    want = fz.gather_weights(state, plan, names="state_dict")
+    assert sorted(loaded.state_dict()) == sorted(want)
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, want[k].to(torch.bfloat16)), k
+
+
 class LiveBytes(TorchDispatchMode):
     """The bytes of tensor storages made inside the block that are still alive, and their peak:
     every op's outputs are recorded, each storage counted once while any tensor viewing it
