@@ -6,6 +6,7 @@ store's lock, two gloo ranks of which one never joins a collective.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import fcntl
 import gc
@@ -14,8 +15,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
+import torch
 
 import funzero as fz
 from funzero import optim, testing
@@ -232,3 +235,44 @@ def test_a_commit_that_fails_leaves_no_tmp(where, tmp_path, monkeypatch):
         step(state, batches(1)[0])
     monkeypatch.undo()
     assert not [f for f in os.listdir(rank_dir) if f.endswith(".tmp")], sorted(os.listdir(rank_dir))
+
+
+# --- collectives that time out ----------------------------------------------------------------
+def _one_rank_does_not_join(rank, world):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from shardspec import Mesh
+
+    def mesh_of(group):
+        dm = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("dp",))
+        return Mesh(("dp",), (2,), device_type="cpu", device_mesh=dm)
+
+    def timeout_of(group):
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+    # A group made for an axis gets torch's default timeout; a mesh hands it the world's (180 s
+    # in run_world, FUNZERO_TIMEOUT_S where Mesh.from_env starts the world).
+    sub = dist.new_group([0, 1])
+    made = timeout_of(sub)
+    mesh_of(sub)._inherit_timeout()
+    timeouts = (made, timeout_of(sub))
+    mesh = mesh_of(dist.new_group([0, 1], timeout=datetime.timedelta(seconds=2)))
+    if rank == 1:
+        time.sleep(4)  # past rank 0's timeout, and alive: no "connection closed" instead
+        return timeouts
+    start = time.monotonic()
+    try:
+        fz.all_reduce(torch.ones(5), mesh, tag="grad")
+    except RuntimeError as e:
+        return timeouts, type(e).__name__, str(e), time.monotonic() - start
+    return timeouts
+
+
+def test_a_timed_out_collective_names_the_collective_and_the_group():
+    (made, inherited), name, text, waited = run_world(_one_rank_does_not_join, 2, timeout=60)[0]
+    assert (made, inherited) == (1800, 180)
+    assert name == "CollectiveTimeout", text
+    assert "all_reduce (tag 'grad')" in text and "mesh axis 'dp'" in text, text
+    assert "global ranks [0, 1]" in text and "timeout 2 s" in text and "rank 0" in text, text
+    assert waited < 10
