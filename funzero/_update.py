@@ -172,8 +172,8 @@ def _whole(b, job: UpdateJob, grads: dict, grad_scale, found_inf, begun: list):
     master, pending_master = _begin(opt_kind, master, begun)
     opt_state, pending_opt = _begin(opt_kind, opt_state, begun)
     params_kind = pl.uniform("params")
-    params_own, pending_params = (_begin(params_kind, params_own, begun) if params_kind is not None and params_kind.copies
-                                  else (params_own, []))
+    params_own, pending_params = (_begin(params_kind, params_own, begun)
+                                  if params_kind is not None and params_kind.copies else (params_own, []))
     target = master if master is not None else params_own
     if master is None:
         param_out = None
