@@ -9,7 +9,7 @@
 from funzero import losses, optim, testing
 from funzero._checkpoint import load_state, save_state, wait_saves
 from funzero._compile import compile
-from funzero._collectives import CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
+from funzero._collectives import CollectiveTimeout, CommCounter, all_gather, all_reduce, count_comm, reduce_scatter
 from funzero._activations import ActivationEstimate, gpt_activations
 from funzero._binding import Binding, param_count
 from funzero._counts import format_bytes, parse_count
@@ -40,6 +40,7 @@ __all__ = [
     "layouts_for_num_params",
     "parse_count",
     "Binding",
+    "CollectiveTimeout",
     "CommCounter",
     "LossScaleConfig",
     "LossScaleState",

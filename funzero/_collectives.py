@@ -10,11 +10,18 @@ all-gather or reduce-scatter over a buffer of P elements counts P, an all-reduce
 reduce-scatter plus an all-gather), which is the accounting of the ZeRO paper (sec. 7): stages
 0-2 move 2Psi per step, stage 3 moves 3Psi. Counting happens when the Python call runs, i.e.
 eagerly or while ``torch.compile`` traces, not on every replay of a compiled graph.
+
+A collective that some rank never joins ends, after the group's timeout (``FUNZERO_TIMEOUT_S``
+where ``shardspec.Mesh.from_env`` starts the process group), in :class:`CollectiveTimeout`,
+naming the collective, its tag, the mesh axis and the group's ranks (eager calls that wait, as
+gloo's do; NCCL's watchdog reports a timed-out kernel itself, and a compiled graph waits inside
+the graph).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +33,7 @@ import torch.distributed._functional_collectives as fc
 from shardspec import Mesh
 
 __all__ = [
+    "CollectiveTimeout",
     "CommCounter",
     "all_gather",
     "all_reduce",
@@ -104,6 +112,39 @@ _c10d_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.redu
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective that did not complete within its group's timeout (some rank did not join)."""
+
+
+_TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
+
+
+def _group_text(group, axis: str) -> str:
+    """The group in words: its mesh axis, name, global ranks, backend and timeout."""
+    text = f"mesh axis {axis!r} (process group {getattr(group, 'group_name', '?')}"
+    try:
+        text += f", global ranks {dist.get_process_group_ranks(group)}, {dist.get_backend(group)}"
+        device = next(iter(group._device_types), torch.device("cpu"))  # noqa: SLF001 - for the message only
+        text += f", timeout {group._get_backend(device).options._timeout.total_seconds():g} s"  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - whatever torch cannot say is left out of the message
+        pass
+    return text + ")"
+
+
+@contextlib.contextmanager
+def _named(op: str, tag: str, group, axis: str) -> Iterator[None]:
+    """Raise a timeout inside the block as :class:`CollectiveTimeout` naming the collective."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, CollectiveTimeout) or not _TIMED_OUT.search(str(e)):
+            raise
+        raise CollectiveTimeout(
+            f"{op} (tag {tag!r}) over {_group_text(group, axis)} timed out on rank "
+            f"{dist.get_rank()}: a rank of the group did not join it in time ({e})"
+        ) from e
+
+
 def _eager() -> bool:
     # Under torch.compile the functional collectives are traced into the graph; eagerly we call
     # c10d into buffers we allocate, so each gathered buffer has one owner and a clear lifetime.
@@ -141,7 +182,8 @@ def all_gather(
     if _eager():
         if out is None:
             out = torch.empty(shard.numel() * n, dtype=shard.dtype, device=shard.device)
-        _c10d_all_gather(out, shard.contiguous(), group=group)
+        with _named("all_gather", tag, group, axis):
+            _c10d_all_gather(out, shard.contiguous(), group=group)
         return out
     res = fc.wait_tensor(_all_gather_single(shard.contiguous(), 0, group))
     if out is not None:
@@ -164,7 +206,8 @@ def reduce_scatter(
     if _eager():
         out = torch.empty(full.numel() // n, dtype=full.dtype, device=full.device)
         rop, divide = _op(op, group)
-        _c10d_reduce_scatter(out, full.contiguous(), op=rop, group=group)
+        with _named("reduce_scatter", tag, group, axis):
+            _c10d_reduce_scatter(out, full.contiguous(), op=rop, group=group)
         return out.div_(n) if divide else out
     return fc.wait_tensor(_reduce_scatter_single(full.contiguous(), op, 0, group))
 
@@ -178,7 +221,8 @@ def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg"
     if _eager():
         out = x.detach().clone().contiguous()
         rop, divide = _op(op, group)
-        dist.all_reduce(out, op=rop, group=group)
+        with _named("all_reduce", tag, group, axis):
+            dist.all_reduce(out, op=rop, group=group)
         return out.div_(mesh.size(axis)) if divide else out
     return fc.wait_tensor(fc.all_reduce(x.contiguous(), op, group))
 
@@ -190,5 +234,6 @@ def broadcast(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, src: int = 0, ta
         return x
     _record("broadcast", tag, x.numel(), x.element_size(), x)
     x = x.contiguous()
-    dist.broadcast(x, src=dist.get_global_rank(group, src), group=group)
+    with _named("broadcast", tag, group, axis):
+        dist.broadcast(x, src=dist.get_global_rank(group, src), group=group)
     return x

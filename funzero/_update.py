@@ -116,7 +116,15 @@ def update(plan, b, job: UpdateJob, grads: dict, grad_scale, found_inf) -> tuple
             "transforms such as clip_by_global_norm in a chain) and an fp32 master (bf16 or "
             "fp16 precision)"
         )
-    return _whole(b, job, grads, grad_scale, found_inf)
+    begun: list = []  # (kind, copy) of every copy begun, so that a failure drops them all
+    if not (pl.copies("opt_state") or pl.copies("params")):
+        return _whole(b, job, grads, grad_scale, found_inf, begun)  # nothing to drop (and traceable)
+    try:
+        return _whole(b, job, grads, grad_scale, found_inf, begun)
+    except BaseException:
+        for kind, copy in begun:
+            kind.abort(copy)  # a committed copy has no file left under its name: a no-op
+        raise
 
 
 @torch.compiler.disable  # host-side orchestration: a graph break in a compiled step
@@ -125,8 +133,9 @@ def _offloaded(pl, job, gw, grads, grad_scale, found_inf, plan):
                             delayed=plan.delayed_update, ahead=plan.async_update)
 
 
-def _begin(kind, tree):
-    """``(tree of writable buffers, [(old, copy)])`` for the leaves of a kind that writes copies."""
+def _begin(kind, tree, begun: list):
+    """``(tree of writable buffers, [copy])`` for the leaves of a kind that writes copies; each
+    copy is also appended to ``begun`` as ``(kind, copy)`` as soon as it exists."""
     if tree is None or not kind.copies:
         return tree, []
     pending = []
@@ -135,6 +144,7 @@ def _begin(kind, tree):
         if isinstance(t, torch.Tensor) and t.dim() > 0 and kind.holds("opt_state", t):
             kind.prefetch(t)
             copy = kind.begin_write(t)
+            begun.append((kind, copy))
             pending.append(copy)
             return copy
         return t
@@ -154,16 +164,16 @@ def _commit(kind, pending: list, *trees):
     return tuple(None if tree is None else optree.tree_map(swap, tree, namespace="funzero") for tree in trees)
 
 
-def _whole(b, job: UpdateJob, grads: dict, grad_scale, found_inf):
+def _whole(b, job: UpdateJob, grads: dict, grad_scale, found_inf, begun: list):
     pl = b.placement
     opt_kind = pl.uniform("opt_state")
     master, opt_state, params_own = job.master, job.opt_state, job.params_own
     # Never update a leaf a kind must keep whole (NVMe files): update copies, commit when done.
-    master, pending_master = _begin(opt_kind, master)
-    opt_state, pending_opt = _begin(opt_kind, opt_state)
+    master, pending_master = _begin(opt_kind, master, begun)
+    opt_state, pending_opt = _begin(opt_kind, opt_state, begun)
     params_kind = pl.uniform("params")
-    params_own, pending_params = (_begin(params_kind, params_own) if params_kind is not None and params_kind.copies
-                                  else (params_own, []))
+    params_own, pending_params = (_begin(params_kind, params_own, begun)
+                                  if params_kind is not None and params_kind.copies else (params_own, []))
     target = master if master is not None else params_own
     if master is None:
         param_out = None

@@ -152,7 +152,7 @@ def misplaced(state: TrainState) -> list[str]:
 def nvme_files(state: TrainState) -> list[str]:
     """The files in this rank's NVMe directory of ``state``'s placement (sorted; [] without one)."""
     nvme = state.binding.placement.nvme()
-    if nvme is None or not os.path.isdir(nvme.dir):
+    if nvme is None or nvme.dir is None or not os.path.isdir(nvme.dir):
         return []
     return sorted(os.listdir(nvme.dir))
 

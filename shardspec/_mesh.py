@@ -85,7 +85,22 @@ class Mesh:
         from torch.distributed.device_mesh import init_device_mesh
 
         dm = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(axis_names))
-        return cls(axis_names, shape, device_type=device_type, device_mesh=dm)
+        mesh = cls(axis_names, shape, device_type=device_type, device_mesh=dm)
+        mesh._inherit_timeout()
+        return mesh
+
+    def _inherit_timeout(self) -> None:
+        """Give each axis's group the world's collective timeout: groups the device mesh makes
+        for an axis smaller than the world get torch's default (30 minutes) otherwise."""
+        device = torch.device(self.device_type)
+        try:
+            timeout = dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout
+        except Exception:  # noqa: BLE001 - a backend that does not say keeps its groups' own
+            return
+        for axis in self.axis_names:
+            group = self.group(axis)
+            if group is not None and group is not dist.distributed_c10d._get_default_group():
+                group.set_timeout(timeout)
 
     # ---------------------------------------------------------------------------------------
     def _axis_index(self, axis: str) -> int:

@@ -431,16 +431,23 @@ def group_update(pl, master: dict, gw, grad_scale, found_inf, info, swaps: dict)
         for t in _files_of(pl, "opt_state", nxt, (master, gw.state)):
             pl.kind_of("opt_state", nxt).prefetch(t)
         kind = pl.kind_of("opt_state", g)
-        pending = {id(t): (t, kind.begin_write(t)) for t in _files_of(pl, "opt_state", g, (master, gw.state))}
+        pending: dict = {}
 
         def mine(t):
             return pending[id(t)][1] if isinstance(t, torch.Tensor) and id(t) in pending else t
 
-        st = optree.tree_map(mine, gw.state, namespace="funzero")
-        gw.apply({g: grad}, st, {g: mine(master[g])}, param_out={g: out},
-                 grad_scale=grad_scale, found_inf=found_inf, info=info)
-        for old, copy in pending.values():
-            swaps[id(old)] = kind.commit(copy)
+        try:
+            for t in _files_of(pl, "opt_state", g, (master, gw.state)):
+                pending[id(t)] = (t, kind.begin_write(t))
+            st = optree.tree_map(mine, gw.state, namespace="funzero")
+            gw.apply({g: grad}, st, {g: mine(master[g])}, param_out={g: out},
+                     grad_scale=grad_scale, found_inf=found_inf, info=info)
+            for old, copy in pending.values():
+                swaps[id(old)] = kind.commit(copy)
+        except BaseException:
+            for _, copy in pending.values():
+                kind.abort(copy)  # no copy is left behind (a committed one has no file of its name)
+            raise
 
     return update
 

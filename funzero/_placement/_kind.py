@@ -3,8 +3,8 @@
 A kind is where a state leaf's bytes live and what it takes to write them: ``init`` asks it for
 buffers (:meth:`Kind.empty`, :meth:`Kind.place`), the update asks it for a writable buffer
 before it writes a leaf and for the leaf the new state holds afterwards
-(:meth:`Kind.begin_write`, :meth:`Kind.commit`: NVMe updates a copy and renames it over the
-file, the others write in place), the memory model asks it which memory tier its bytes are
+(:meth:`Kind.begin_write`, :meth:`Kind.commit`, or :meth:`Kind.abort` when the update fails:
+NVMe updates a copy and renames it over the file, the others write in place), the memory model asks it which memory tier its bytes are
 counted in (:attr:`Kind.tier`). Whether a kind is *offloaded* (outside device memory) decides
 how its groups are updated: on the device's stream, or by the host update (``_host.py``).
 
@@ -90,6 +90,9 @@ class Kind:
     def commit(self, written: torch.Tensor) -> torch.Tensor:
         """The leaf the new state holds, once ``written`` (from :meth:`begin_write`) is final."""
         return written
+
+    def abort(self, written: torch.Tensor) -> None:
+        """``written`` (from :meth:`begin_write`) will not be committed: the update failed."""
 
     def close(self) -> None:
         """Release what the kind holds outside the state (files, threads)."""
