@@ -155,7 +155,7 @@ def test_compiled_stage3_frees_each_gathered_group_after_its_forward():
     compiled code allocates (CPU profiler, allocations and frees)."""
     for live, sizes, est in run_world(_live_gathered_bytes, 2):
         n = len(sizes)
-        assert len(live) == 2 * n, live  # forward gathers, then one more per group in backward
-        forward = live[:n]
-        assert max(forward) == sizes["rest"] + max(v for g, v in sizes.items() if g != "rest"), (forward, sizes)
+        forward = live[:n]  # the first n gathers are the forward's, one per group
+        assert max(forward) == sizes["rest"] + max(v for g, v in sizes.items() if g != "rest"), (live, sizes)
+        assert len(live) == 2 * n, live  # and each group is gathered again in backward
         assert max(live) <= est, (live, est)
