@@ -390,8 +390,9 @@ def estimate_memory(
         num_groups: for a bare Ψ: how many equal groups to assume (default: a GPT-like guess).
         prefetch: stage 3: groups gathered ahead of the one computing (the engine today: 1, the
             root's group plus the current block).
-        compiled: stage 3 under ``torch.compile``: the compiler keeps gathered groups until
-            backward, so every group is gathered at once (see ``_group.py``).
+        compiled: stage 3 under ``torch.compile``. Compiled steps free each gathered group after
+            its owner's forward and gather it again in backward, as eager ones do (see
+            ``_group.py``), so the count is the same; kept so callers need not change.
         activations: an :class:`ActivationEstimate` (e.g. from :func:`gpt_activations`) to add.
 
     Returns:
@@ -423,10 +424,11 @@ def estimate_memory(
         b = _planned(model, stage, num_shards, plan, precision, placement, groups, rest, num_groups,
                      leaf_align, shard_align)
     tx = _optimizer(tx)
-    return _estimate(b, tx, prefetch=prefetch, compiled=compiled, activations=activations)
+    del compiled  # the same count either way (see above)
+    return _estimate(b, tx, prefetch=prefetch, activations=activations)
 
 
-def _estimate(b: Binding, tx, *, prefetch: int, compiled: bool, activations: ActivationEstimate | None) -> MemoryEstimate:
+def _estimate(b: Binding, tx, *, prefetch: int, activations: ActivationEstimate | None) -> MemoryEstimate:
     precision, specs, pl, n = b.precision, b.specs, b.placement, b.num_shards
     state = _state_bytes(built := build_state(b, tx, None, "meta", place=False))
     tiers = _tiers(built, b, tx)
@@ -452,7 +454,7 @@ def _estimate(b: Binding, tx, *, prefetch: int, compiled: bool, activations: Act
     model_states["total"] = sum(model_states.values())
 
     gathered = comm.gathers(pl.offloaded("params"))
-    gather = sum(sizes if compiled else sizes[: 1 + prefetch]) * pb if gathered else 0
+    gather = sum(sizes[: 1 + prefetch]) * pb if gathered else 0  # compiled or not: the same gathers
     reduce = _reduce_transient(b, comm, gathered)
 
     # Offload transients. A host parameter shard travels to the device before its gather. With

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from funzero._collectives import all_reduce
-from funzero._group import GroupComm, GroupHooks, Run, group_modes
+from funzero._group import GroupComm, GroupHooks, Run, forward_regathered, group_modes
 from funzero._plan import Plan
 from funzero._state import TrainState, binding_of
 from funzero._update import UpdateJob, gather_into, groupwise, pipelined, update
@@ -45,6 +45,15 @@ if hasattr(torch._dynamo.config, "trace_autograd_ops"):
     # Lets dynamo put torch.autograd.grad into the step's graph (torch >= 2.13); older versions
     # break the graph there and compile forward/backward and the update separately.
     torch._dynamo.config.trace_autograd_ops = True
+
+# A compiled step that gathers runs its forward in one checkpoint region (_group.py); the group
+# owners' hooks swap parameters into modules in there, a side effect dynamo otherwise refuses in
+# a checkpoint (a graph break). Compiled, nothing replays the forward in Python, so there is
+# nothing to skip. It applies to every compiled checkpoint in the process, as the switch above.
+# A torch without the switch keeps the old form: gathered groups live until backward.
+_COMPILED_REGATHER = hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint")
+if _COMPILED_REGATHER:
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 LossFn = Callable[[Callable[..., Any], Any], Any]
 
@@ -213,12 +222,15 @@ class Step:
         if self.plan.async_update and not eager:
             state.binding.placement.sync()  # a compiled forward cannot wait group by group
         before_use = b.placement.before_use if (eager and self.plan.async_update) else None
-        regather = eager and self.comm.gathers(b.placement.offloaded("params"))
-        run = Run(self.hooks, self.comm, state.params, self.modes(state), stream=stream, regather=regather,
-                  before_use=before_use)
+        gathers = self.comm.gathers(b.placement.offloaded("params"))
+        run = Run(self.hooks, self.comm, state.params, self.modes(state), stream=stream, regather=eager and gathers,
+                  recompute=gathers and not eager and _COMPILED_REGATHER, before_use=before_use)
         try:
             with self.hooks.activate(run):
-                loss, aux, scaled = self.loss(batch, loss_scale)
+                if run.recompute:
+                    loss, aux, scaled = forward_regathered(self.loss, batch, loss_scale)
+                else:
+                    loss, aux, scaled = self.loss(batch, loss_scale)
                 grads = run.gradients(scaled)
         except BaseException:
             if stream is not None:
