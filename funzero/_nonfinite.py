@@ -7,17 +7,16 @@ The decision has two halves, kept apart so that the step never waits on the host
   update, which then writes nothing (the mechanism fp16's loss scaling already used). The state's
   ``step`` counts updates applied: a skipped step leaves it where it was.
 * **On the host** (``nonfinite="raise"`` and the ``max_skips`` bound): the flag of each step is
-  read lazily. On the CPU it is read as the step ends (reading it costs nothing there); on a GPU it
-  is copied to pinned memory behind the step and judged once the copy has landed, at the end of a
-  later call (at most :data:`LAG` calls later; ``Step.check_nonfinite()`` judges every flag still
-  in flight). While the host has not yet seen a skip it will raise for, the device keeps skipping:
-  a per-step counter of consecutive skips, past the limit, forces the flag on. So the error comes
-  with a state that is the last finite one, however late the host reads it.
+  read lazily, by an op of the step (``funzero::nonfinite_guard_``) that runs where the step needs
+  the flag, so a compiled step stays one graph. On the CPU the flag is there already and is judged
+  at once (reading it costs nothing); on a GPU it is copied to pinned memory behind the step and
+  judged :data:`LAG` calls later, by call count, so that every rank raises in the same call
+  (``Step.check_nonfinite()`` judges every flag still in flight). Until the host has judged a skip
+  it will raise for, the device keeps skipping: a counter of consecutive skips, past the limit,
+  forces the flag on. So the error always comes with the last finite state.
 
-The host judge runs outside any compiled graph without breaking it: it is registered as one of
-dynamo's reorderable logging functions, which a compiled frame calls after its graph with the
-graph's tensors (and before the frame's other side effects, so the state handed to the call that
-raises is not marked donated).
+An error is raised inside a step before its update could write anything (and a skipped update
+writes nothing anyway); the state handed to that call is not marked donated and stays usable.
 """
 
 from __future__ import annotations
@@ -29,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NonFiniteError", "NonFinitePolicy", "Guard", "LAG"]
+__all__ = ["LAG", "Guard", "NonFiniteError", "NonFinitePolicy", "carry_loss"]
 
 POLICIES = ("skip", "raise", "ignore")
-LAG = 2  # a GPU flag is waited for once this many newer ones are in flight behind it
+LAG = 2  # calls between a GPU step and the judging of its flag (the copy has landed by then)
 
 
 class NonFiniteError(FloatingPointError):
@@ -80,11 +79,12 @@ class Guard:
 
     def __init__(self, policy: NonFinitePolicy) -> None:
         self.policy = policy
-        self.key = next(_KEYS)  # what the compiled step passes to observe() (a constant)
+        self.key = next(_KEYS)  # how the guard op finds this guard (a constant of a compiled graph)
         _GUARDS[self.key] = self
         self.counter: torch.Tensor | None = None  # () int64 on the device: consecutive skips
-        self.pending: deque = deque()  # (host copy of [state.step, skipped], event or None)
-        self.run = 0  # consecutive skips the host has seen
+        self.pending: deque = deque()  # (index, host copy of [state.step, skipped], event or None)
+        self.calls = 0  # flags recorded
+        self.run = 0  # consecutive skips the host has judged
         self.run_from = None  # state.step at the first of them
 
     @property
@@ -95,41 +95,37 @@ class Guard:
         if self.observed and (self.counter is None or self.counter.device != device):
             self.counter = torch.zeros((), dtype=torch.int64, device=device)
 
-    def force(self, found_inf: torch.Tensor) -> torch.Tensor:
-        """``found_inf``, also on once the consecutive skips pass the limit (the host will raise
-        for them); advances the device counter in place. Device-only: no host read."""
+    def apply(self, found_inf: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The step's flag after the policy: forced on past the limit; may raise for this step
+        (CPU) or one :data:`LAG` calls back (GPU). A plain ``found_inf`` when nothing is judged."""
         if not self.observed:
             return found_inf
-        c = self.counter
-        found = torch.maximum(found_inf, (c > self.policy.limit).to(found_inf.dtype))
-        c.copy_(torch.where(found != 0, c + 1, torch.zeros_like(c)))
-        return found
+        return torch.ops.funzero.nonfinite_guard_(found_inf, self.counter, step.to(found_inf.device), self.key)
 
     # --- the host side -------------------------------------------------------------------------
     def record(self, seen: torch.Tensor) -> None:
-        """Queue one step's ``[state.step, skipped]`` and judge every flag that has arrived."""
+        """Queue one step's ``[state.step, skipped]``; judge the flag of ``lag`` calls ago (and any
+        older): the same call on every rank, so every rank raises in the same step."""
         if seen.device.type == "cpu":
-            self.pending.append((seen, None))
+            entry, lag = (seen, None), 0  # there already: judged now
+        elif torch.cuda.is_current_stream_capturing():
+            return  # a CUDA graph being recorded: only its device half replays
         else:
-            if torch.cuda.is_current_stream_capturing():
-                return  # a CUDA graph being recorded: only its device half replays
             buf = torch.empty(seen.shape, dtype=seen.dtype, pin_memory=True)
             buf.copy_(seen, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record()
-            self.pending.append((buf, ev))
-        self.drain(wait=False)
+            entry, lag = (buf, ev), LAG
+        self.pending.append((self.calls, *entry))
+        self.calls += 1
+        self.drain(upto=self.calls - 1 - lag)
 
-    def drain(self, wait: bool) -> None:
-        """Judge the queued flags in order: those that have arrived, the ones more than
-        :data:`LAG` behind, and (``wait``) all of them."""
-        while self.pending:
-            buf, ev = self.pending[0]
-            if ev is not None and not ev.query():
-                if not (wait or len(self.pending) > LAG):
-                    return
+    def drain(self, upto: int | None = None) -> None:
+        """Judge, in order, the queued flags of calls ``<= upto`` (None: all), waiting for them."""
+        while self.pending and (upto is None or self.pending[0][0] <= upto):
+            _, buf, ev = self.pending.popleft()
+            if ev is not None:
                 ev.synchronize()
-            self.pending.popleft()
             self.judge(int(buf[0]), bool(buf[1]))
 
     def judge(self, step: int, skipped: bool) -> None:
@@ -164,15 +160,21 @@ class Guard:
             self.counter.zero_()
 
 
-def observe(seen: torch.Tensor, key: int) -> None:
-    """The host judge of a step's flag (``seen``: ``[state.step, skipped]``), by guard key."""
-    guard = _GUARDS.get(key)
-    if guard is not None:
-        guard.record(seen)
+@torch.library.custom_op("funzero::nonfinite_guard_", mutates_args=("counter",))
+def _guard_op(found_inf: torch.Tensor, counter: torch.Tensor, step: torch.Tensor, key: int) -> torch.Tensor:
+    """``found_inf`` forced on while ``counter`` (consecutive skips, updated in place) is past the
+    guard's limit; then the guard's host judge. An op, so that a compiled step runs the judge
+    where the graph needs the flag, and the graph stays whole."""
+    guard = _GUARDS[key]
+    found = torch.maximum(found_inf, (counter > guard.policy.limit).to(found_inf.dtype))
+    counter.copy_(torch.where(found != 0, counter + 1, torch.zeros_like(counter)))
+    guard.record(torch.stack([step.to(torch.int64), (found != 0).to(torch.int64)]))
+    return found
 
 
-# A compiled step calls observe() after its graph rather than breaking the graph for it.
-torch._dynamo.config.reorderable_logging_functions.add(observe)
+@_guard_op.register_fake
+def _(found_inf, counter, step, key):
+    return torch.empty_like(found_inf)
 
 
 def carry_loss(grads: dict, loss: torch.Tensor) -> dict:

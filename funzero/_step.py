@@ -32,7 +32,7 @@ from torch import nn
 
 from funzero._collectives import all_reduce
 from funzero._group import GroupComm, GroupHooks, Run, group_modes
-from funzero._nonfinite import Guard, NonFinitePolicy, carry_loss, observe
+from funzero._nonfinite import Guard, NonFinitePolicy, carry_loss
 from funzero._plan import Plan
 from funzero._state import TrainState, binding_of
 from funzero._update import UpdateJob, gather_into, groupwise, pipelined, update
@@ -250,9 +250,10 @@ class Step:
         """Whether steps of binding ``b`` compute the non-finite flag (fp16 always does)."""
         return self.nonfinite.guarded or b.precision.loss_scaling is not None
 
-    def found_nonfinite(self, grads: dict, loss: torch.Tensor) -> torch.Tensor:
+    def found_nonfinite(self, grads: dict, loss: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """1.0 if any rank's gradient or loss holds an inf/NaN (one all-reduce of a scalar), else
-        0.0; on past the consecutive-skip limit (the host will raise for those steps).
+        0.0; then the policy's guard (``step``: ``state.step``, for its messages), which may force
+        it on and may raise for an earlier step.
 
         One read of each gradient, no temporaries (``funzero.ops.nonfinite_``), no host read.
         """
@@ -263,7 +264,7 @@ class Step:
         ops.nonfinite_(tensors, flag)
         flag.masked_fill_(~torch.isfinite(loss.to(flag.device)), 1.0)
         flag = all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
-        return self.guard.force(flag)
+        return self.guard.apply(flag, step)
 
     def check_nonfinite(self) -> None:
         """Judge every non-finite flag still in flight (waiting for them) and raise as the policy
@@ -272,9 +273,7 @@ class Step:
 
     def __call__(self, state: TrainState, batch: Any):
         state.check_alive("the train step")
-        new_state, metrics, seen = self._step(state, batch)
-        if seen is not None:  # the host's lazy judge (outside the graph of a compiled step)
-            observe(seen, self.guard.key)
+        new_state, metrics = self._step(state, batch)
         state.donated_at = state.step  # its buffers are new_state's now
         return new_state, metrics
 
@@ -300,23 +299,20 @@ class Step:
                 if checks:
                     metrics["skipped"] = torch.zeros((), dtype=torch.bool, device=loss.device)
                 metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
-                return state.replace(opt_state=opt_state), _with_aux(metrics, aux), None
+                return state.replace(opt_state=opt_state), _with_aux(metrics, aux)
         grads = self.reduce_at_step(grads)
         grad_scale = found_inf = None
         if checks:
-            found_inf = self.found_nonfinite(grads, loss)
+            found_inf = self.found_nonfinite(grads, loss, state.step)
         if cfg is not None:
             grad_scale = (1.0 / state.scaler.scale).to(torch.float32)
         new_inner, master, params = update(p, b, job, grads, grad_scale, found_inf)
         new_opt = acc.with_inner_state(opt_state, new_inner) if acc is not None else new_inner
         scaler = state.scaler
         step = state.step + 1
-        seen = None
         if checks:  # a skipped step is not counted: state.step counts the updates applied
             step = state.step + (found_inf == 0).to(state.step.dtype)
             metrics["skipped"] = found_inf != 0
-            if self.guard.observed:
-                seen = torch.stack([state.step.to(found_inf.device), metrics["skipped"].to(state.step.dtype)])
         if cfg is not None:
             from funzero._scaler import update_scaler
 
@@ -324,7 +320,7 @@ class Step:
             metrics["loss_scale"] = state.scaler.scale
         metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
         new_state = state.replace(step=step, params=params, master=master, opt_state=new_opt, scaler=scaler)
-        return new_state, _with_aux(metrics, aux), seen
+        return new_state, _with_aux(metrics, aux)
 
 
 def _check_loss(loss, has_aux: bool) -> None:
