@@ -379,7 +379,8 @@ def train_step(
             scaling must skip overflows). With gradient accumulation the optimizer step judges
             the accumulated gradient and every micro-step's loss; a skip drops the window.
         max_skips: under ``"skip"``, the consecutive skipped steps tolerated before
-            :class:`funzero.NonFiniteError` (``None``: no bound). ``"raise"`` and this bound read the
+            :class:`funzero.NonFiniteError` (``None``: no bound; an fp16 overflow counts as a skip,
+            so ``"raise"`` under fp16 stops at the first one). ``"raise"`` and this bound read the
             flag on the host lazily, never inside the step: as the step ends on the CPU, once its
             copy has landed on a GPU (at the end of a later call, at most two behind;
             ``step.check_nonfinite()`` waits for every flag in flight). Until then the device
