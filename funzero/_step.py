@@ -269,7 +269,7 @@ class Step:
     def check_nonfinite(self) -> None:
         """Judge every non-finite flag still in flight (waiting for them) and raise as the policy
         says: on a GPU the last steps of a loop are otherwise judged by the next call."""
-        self.guard.drain(wait=True)
+        self.guard.drain()
 
     def __call__(self, state: TrainState, batch: Any):
         state.check_alive("the train step")
