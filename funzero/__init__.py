@@ -22,6 +22,7 @@ from funzero._planner import Candidate, StageChoice, choose_stage
 from funzero._precision import LossScaleConfig, Precision, bf16, fp16, fp32
 from funzero._scaler import LossScaleState
 from funzero._state import TrainState, gather_params, init, state_nbytes, sync
+from funzero._nonfinite import NonFiniteError
 from funzero._step import Step, train_step
 from funzero._remat import remat, save_matmuls
 from funzero._deepspeed import Initialized, block_rules, initialize
@@ -44,6 +45,7 @@ __all__ = [
     "CommCounter",
     "LossScaleConfig",
     "LossScaleState",
+    "NonFiniteError",
     "Plan",
     "Precision",
     "STAGES",

@@ -2,7 +2,7 @@
 
     batch ── this rank's slice ── forward + backward through the group path (_group.py) ──▶ gradients
           ── accumulate (optim.multi_steps) ── reduce (if the specs defer it to the step)
-          ── non-finite check (fp16) ── update where the state lives (_update.py) ──▶ new state
+          ── non-finite check (_nonfinite.py) ── update where the state lives (_update.py) ──▶ new state
 
 Design note:
 
@@ -32,6 +32,7 @@ from torch import nn
 
 from funzero._collectives import all_reduce
 from funzero._group import GroupComm, GroupHooks, Run, forward_regathered, group_modes
+from funzero._nonfinite import Guard, NonFinitePolicy, carry_loss
 from funzero._plan import Plan
 from funzero._state import TrainState, binding_of
 from funzero._update import UpdateJob, gather_into, groupwise, pipelined, update
@@ -102,11 +103,15 @@ class Step:
             included).
         leaf_grads: one-rank eager steps may hand a leafwise optimizer the leaves' gradients as
             autograd made them (``funzero.testing.configure`` switches it off for comparisons).
+        nonfinite: the :class:`~funzero._nonfinite.NonFinitePolicy` (``nonfinite``, ``max_skips``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, tx, plan: Plan, has_aux: bool, remat=None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, tx, plan: Plan, has_aux: bool, remat=None,
+                 nonfinite: str = "skip", max_skips: int | None = 100) -> None:
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be a funzero.Plan from funzero.zero(...), got {type(plan).__name__}")
+        self.nonfinite = NonFinitePolicy(nonfinite, max_skips)
+        self.guard = Guard(self.nonfinite)
         if remat is not None:
             from funzero._remat import remat as apply_remat
 
@@ -136,7 +141,11 @@ class Step:
             raise ValueError(f"state was initialised for ZeRO stage {b.stage}, the plan is stage {p.stage}")
         if b.rank != p.rank:
             raise ValueError(f"state belongs to rank {b.rank}, this process is rank {p.rank}")
+        if b.precision.loss_scaling is not None and not self.nonfinite.guarded:
+            raise ValueError("nonfinite='ignore' cannot apply under fp16: dynamic loss scaling must skip the "
+                             "steps that overflow (use 'skip' or 'raise')")
         self.binding = b
+        self.guard.prepare(torch.device(b.placement.compute))
         self.comm = GroupComm(p.mesh, p.specs, b.precision.reduce_dtype, b.placement.compute)
         self.info = ShardInfo(
             b.layouts, b.rank,
@@ -183,14 +192,15 @@ class Step:
         """``fn(group, gradient)`` that starts each offloaded group's host update from inside
         backward, or None: eager steps only (a compiled backward is one graph), and only where a
         group's gradient is final when backward produces it and the update needs nothing global
-        first (no clipping norm, no fp16 overflow check, no accumulation, no reduce left to the
-        step, not the delayed update, which waits for the previous one first)."""
+        first (no clipping norm, no non-finite check, no accumulation, no reduce left to the
+        step, not the delayed update, which waits for the previous one first): so only with
+        ``nonfinite="ignore"``, as the check needs every gradient before any update."""
         p, b = self.plan, state.binding
         if (
             torch.compiler.is_compiling()
             or p.delayed_update
             or self.accumulate is not None
-            or b.precision.loss_scaling is not None
+            or self.checks(b)
             or (p.num_shards > 1 and p.specs.reduce == "step")
         ):
             return None
@@ -248,17 +258,30 @@ class Step:
             out[g] = self.comm.reduce(grads.pop(g))
         return out
 
-    def nonfinite(self, grads: dict) -> torch.Tensor:
-        """1.0 if any rank's gradient holds an inf/NaN (one all-reduce of a scalar), else 0.0.
+    def checks(self, b) -> bool:
+        """Whether steps of binding ``b`` compute the non-finite flag (fp16 always does)."""
+        return self.nonfinite.guarded or b.precision.loss_scaling is not None
 
-        One read of each gradient, no temporaries (``funzero.ops.nonfinite_``).
+    def found_nonfinite(self, grads: dict, loss: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """1.0 if any rank's gradient or loss holds an inf/NaN (one all-reduce of a scalar), else
+        0.0; then the policy's guard (``step``: ``state.step``, for its messages), which may force
+        it on and may raise for an earlier step.
+
+        One read of each gradient, no temporaries (``funzero.ops.nonfinite_``), no host read.
         """
         from funzero import ops
 
         tensors = gradient_tensors(grads)
         flag = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         ops.nonfinite_(tensors, flag)
-        return all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
+        flag.masked_fill_(~torch.isfinite(loss.to(flag.device)), 1.0)
+        flag = all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
+        return self.guard.apply(flag, step)
+
+    def check_nonfinite(self) -> None:
+        """Judge every non-finite flag still in flight (waiting for them) and raise as the policy
+        says: on a GPU the last steps of a loop are otherwise judged by the next call."""
+        self.guard.drain()
 
     def __call__(self, state: TrainState, batch: Any):
         state.check_alive("the train step")
@@ -278,27 +301,34 @@ class Step:
         job = self.job(state, inner_state)
         grads, loss, aux = self.forward_backward(state, batch, loss_scale, self.stream(state, job))
         metrics: dict[str, Any] = {}
+        checks = self.checks(b)
         if acc is not None:
+            if checks:
+                grads = carry_loss(grads, loss)  # judged with the accumulated gradient
             ready, grads, opt_state = acc.add(opt_state, grads)
             metrics["applied"] = torch.full((), ready, dtype=torch.bool, device=loss.device)
             if not ready:
+                if checks:
+                    metrics["skipped"] = torch.zeros((), dtype=torch.bool, device=loss.device)
                 metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
                 return state.replace(opt_state=opt_state), _with_aux(metrics, aux)
         grads = self.reduce_at_step(grads)
         grad_scale = found_inf = None
+        if checks:
+            found_inf = self.found_nonfinite(grads, loss, state.step)
         if cfg is not None:
-            found_inf = self.nonfinite(grads)
             grad_scale = (1.0 / state.scaler.scale).to(torch.float32)
         new_inner, master, params = update(p, b, job, grads, grad_scale, found_inf)
         new_opt = acc.with_inner_state(opt_state, new_inner) if acc is not None else new_inner
         scaler = state.scaler
         step = state.step + 1
+        if checks:  # a skipped step is not counted: state.step counts the updates applied
+            step = state.step + (found_inf == 0).to(state.step.dtype)
+            metrics["skipped"] = found_inf != 0
         if cfg is not None:
             from funzero._scaler import update_scaler
 
             scaler = update_scaler(state.scaler, found_inf, cfg)
-            step = state.step + (found_inf == 0).to(state.step.dtype)
-            metrics["skipped"] = found_inf != 0
             metrics["loss_scale"] = state.scaler.scale
         metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
         new_state = state.replace(step=step, params=params, master=master, opt_state=new_opt, scaler=scaler)
@@ -338,6 +368,8 @@ def train_step(
     *,
     has_aux: bool = False,
     remat=None,
+    nonfinite: str = "skip",
+    max_skips: int | None = 100,
 ) -> Step:
     """Build ``step(state, batch) -> (state, metrics)`` for ``model`` under ``plan``.
 
@@ -351,11 +383,26 @@ def train_step(
             ``model`` once, here (:func:`funzero.remat`: ``"full"``, ``"selective"``,
             ``"offload"``); a recomputed module's sharded groups are gathered again for the
             recompute.
+        nonfinite: what a step whose loss or gradient holds an inf/NaN (on any rank) does, under
+            every precision: ``"skip"`` (default) drops its update, on the device: params and
+            optimizer state stay bit-identical and ``state.step`` does not advance (it counts the
+            updates applied); ``"raise"`` drops it and raises :class:`funzero.NonFiniteError`
+            naming the step; ``"ignore"`` applies it (no check; refused under fp16, whose loss
+            scaling must skip overflows). With gradient accumulation the optimizer step judges
+            the accumulated gradient and every micro-step's loss; a skip drops the window.
+        max_skips: under ``"skip"``, the consecutive skipped steps tolerated before
+            :class:`funzero.NonFiniteError` (``None``: no bound; an fp16 overflow counts as a skip,
+            so ``"raise"`` under fp16 stops at the first one). ``"raise"`` and this bound read the
+            flag on the host lazily, never inside the step: as the step ends on the CPU, once its
+            copy has landed on a GPU (at the end of a later call, at most two behind;
+            ``step.check_nonfinite()`` waits for every flag in flight). Until then the device
+            keeps skipping, so the error comes with the last finite state.
 
     Returns:
         A pure step: the incoming state is donated (updated in place) and must not be reused.
-        ``metrics`` holds device tensors (``loss``: the mean over ranks; ``skipped`` with fp16;
-        ``applied`` with gradient accumulation): nothing in the step waits on the host.
+        ``metrics`` holds device tensors (``loss``: the mean over ranks; ``skipped`` unless
+        ``nonfinite="ignore"``; ``applied`` with gradient accumulation): nothing in the step waits
+        on the host.
 
     Graph breaks under ``torch.compile``: none on torch >= 2.13 for one-rank steps and stages
     0-2; re-gathering sharded parameters in backward is eager-only (see ``_group.py``). Older
@@ -369,4 +416,4 @@ def train_step(
         >>> step = fz.compile(train_step(model, loss_fn, tx, plan))
         >>> state, metrics = step(state, batch)
     """
-    return Step(model, loss_fn, tx, plan, has_aux, remat)
+    return Step(model, loss_fn, tx, plan, has_aux, remat, nonfinite, max_skips)

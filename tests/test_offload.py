@@ -247,19 +247,20 @@ def test_a_failing_host_update_raises_in_the_caller(monkeypatch):
     assert isinstance(e.value.__cause__, OSError)
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_gradients_leave_during_backward_when_nothing_global_is_needed(clip):
+@pytest.mark.parametrize("clip,nonfinite", [(False, "ignore"), (True, "ignore"), (False, "skip")])
+def test_gradients_leave_during_backward_when_nothing_global_is_needed(clip, nonfinite):
     model = tiny_gpt()
     plan = fz.zero(2, groups=GROUPS, placement={"opt_state": "cpu"})
     tx = _tx("bf16+clip" if clip else "bf16")
     state = fz.init(model, tx, plan, precision=fz.bf16())
-    step = fz.train_step(model, lm_loss, tx, plan)
+    step = fz.train_step(model, lm_loss, tx, plan, nonfinite=nonfinite)
     with testing.host_events(state) as events:
         state, _ = step(state, batches(1)[0])
     inside = [e.in_backward for e in events if e.kind == "issue"]
     n = len(state.binding.layouts)
-    # Every group streams from inside backward, unless a global clip norm must come first.
-    assert inside == [not clip] * n
+    # Every group streams from inside backward, unless something global must come first: a clip
+    # norm, or the non-finite check (which needs every gradient before any update).
+    assert inside == [not clip and nonfinite == "ignore"] * n
 
 
 def test_a_step_that_fails_in_forward_leaves_the_next_step_working():
@@ -355,8 +356,8 @@ def test_a_group_leaves_as_soon_as_its_backward_is_done():
         if e.kind == "issue":
             events.append(f"issue {e.group}")
 
-    with testing.host_events(state, on_event=on_event):
-        fz.train_step(model, lm_loss, tx, plan)(state, batches(1)[0])
+    with testing.host_events(state, on_event=on_event):  # streaming: no non-finite check first
+        fz.train_step(model, lm_loss, tx, plan, nonfinite="ignore")(state, batches(1)[0])
     assert events.index("issue blocks.1") < events.index("grad at the input of blocks.0"), events
     assert sorted(e for e in events if e.startswith("issue")) == ["issue blocks.0", "issue blocks.1", "issue rest"]
 

@@ -464,7 +464,8 @@ def update_offloaded(pl, host: HostUpdate, job, gw, grads: dict, grad_scale, fou
     new_prefix = None
     if prefix is not None:  # e.g. clipping: over all groups, on the device, before the copies
         grads, new_prefix, grad_scale = prefix(grads, master, info, grad_scale)
-    # The host reads these anyway: one sync, with fp16 loss scaling or folded clipping only.
+    # The host reads these anyway: one sync, with folded clipping or the non-finite flag (every
+    # step unless nonfinite="ignore"; the counts below are advanced on the host from it).
     host_scale = None if grad_scale is None else grad_scale.to("cpu")
     host_inf = None if found_inf is None else found_inf.to("cpu")
     swaps = job.committed
