@@ -19,6 +19,9 @@ the timed steps). Peers in this run:
   ...-async          ``zero(..., async_update=True)``: the step returns while the host update
                      runs; the next forward waits for each group's new parameters as it reaches
                      the group (exact: the same numbers)
+  ...-noguard        ``train_step(..., nonfinite="ignore")``: no inf/NaN check, so an eager
+                     step's host update starts from inside backward, group by group (the default
+                     check needs every gradient first; DeepSpeed's bf16 offload checks nothing)
   ...-ckK            activation checkpointing of blocks 0..K-1 (``GPTConfig(recompute=K)``): their
                      activations are recomputed in backward, GPU memory that -gpuK can spend on
                      optimizer state instead
@@ -90,7 +93,8 @@ def run(system, cfg, batch, args, device, placement=None):
             placement = {"opt_state": gpu_share(int(share.group(1)))}
         step = ts.funzero_system(cfg, data, device, stage, compiled="compile" in system,
                                  placement=placement, delayed_update="-dpu" in system, compile_blocks=cb,
-                                 async_update="-async" in system)
+                                 async_update="-async" in system,
+                                 nonfinite="ignore" if "-noguard" in system else "skip")
     losses = []
     warm = args.steps - args.timed
     for i in range(warm):
@@ -210,7 +214,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--systems", default="fz2-compile-offload,fz2-compile-offload-dpu,fz2-eager-offload,ds-zero2-offload")
+    p.add_argument("--systems", default="fz2-compile-offload,fz2-compile-offload-dpu,fz2-eager-offload,fz2-eager-offload-noguard,ds-zero2-offload")
     p.add_argument("--adam", type=float, default=0, help="also time host AdamW alone over this many million params")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--timed", type=int, default=6)

@@ -180,7 +180,7 @@ def deepspeed_step(model, forward, data, stage: int, batch: int, *, offload: boo
 
 def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None, delayed_update=False,
                    compile_blocks: bool = False, async_update: bool = False, graphed: bool = False,
-                   leaf_grads: bool = True):
+                   leaf_grads: bool = True, nonfinite: str = "skip"):
     model = make_model(cfg, device, compile_blocks)
 
     def loss_fn(apply, batch):
@@ -188,13 +188,16 @@ def funzero_system(cfg, data, device, stage: int, compiled: bool, placement=None
         return apply(x, y)
 
     return funzero_step(model, loss_fn, data, device, stage, compiled, groups=[r"blocks\.(\d+)\."], placement=placement,
-                        delayed_update=delayed_update, async_update=async_update, graphed=graphed, leaf_grads=leaf_grads)
+                        delayed_update=delayed_update, async_update=async_update, graphed=graphed, leaf_grads=leaf_grads,
+                        nonfinite=nonfinite)
 
 
 def funzero_step(model, loss_fn, data, device, stage: int, compiled: bool, *, groups, placement=None,
-                 delayed_update=False, async_update: bool = False, graphed: bool = False, leaf_grads: bool = True):
+                 delayed_update=False, async_update: bool = False, graphed: bool = False, leaf_grads: bool = True,
+                 nonfinite: str = "skip"):
     """funzero stage ``stage`` over ``model`` (groups by the ``groups`` rules), bf16 params + fp32
-    master on a GPU (fp32 on the CPU), its AdamW; ``compiled``: the whole step under fz.compile."""
+    master on a GPU (fp32 on the CPU), its AdamW; ``compiled``: the whole step under fz.compile;
+    ``nonfinite``: train_step's policy for a step with an inf/NaN ("skip", the default, checks)."""
     plan = fz.zero(stage, groups=groups, placement=placement or {}, delayed_update=delayed_update,
                    async_update=async_update)
     tx = fz.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
@@ -204,7 +207,7 @@ def funzero_step(model, loss_fn, data, device, stage: int, compiled: bool, *, gr
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    step_fn = fz.testing.set_leaf_grads(fz.train_step(model, loss_fn, tx, plan), leaf_grads)
+    step_fn = fz.testing.set_leaf_grads(fz.train_step(model, loss_fn, tx, plan, nonfinite=nonfinite), leaf_grads)
     if compiled:
         step_fn = compiler(True)(step_fn)
     if graphed:
