@@ -89,14 +89,15 @@ def test_changing_the_learning_rate_does_not_recompile():
     assert not torch.allclose(other["wte.weight"], results[False]["wte.weight"])
 
 
-def _gathered_spans(prof) -> list[tuple[int, int, int]] | None:
+def _gathered_spans(prof) -> list[tuple[int, int, int]]:
     """``(allocated at, freed at, bytes)`` of every all-gather output a profiled compiled step made
     (the buffer the functional collective allocates: an ``aten::empty`` directly inside
     ``_c10d_functional::all_gather_into_tensor``), in the order they were made.
 
-    None when a free went unrecorded: the profiler sees only this thread's frees, and gloo's
-    worker thread sometimes drops its reference to an output last, after the step has let go
-    of it (the address is then allocated again with no free recorded in between).
+    A free can go unrecorded: the profiler sees only this thread's frees, and gloo's worker
+    thread sometimes drops its reference to an output last, after the step has let go of it.
+    Such a buffer is taken as freed when its address is next allocated (or at the step's end),
+    so every span is at least as long as the buffer's life: live bytes from them are upper bounds.
     """
     from torch._C._profiler import _EventType
 
@@ -114,18 +115,18 @@ def _gathered_spans(prof) -> list[tuple[int, int, int]] | None:
 
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root, [])
+    end = 1 + max(ev[0] for evs in events.values() for ev in evs)
     spans = []
     for t, p, n in sorted(made):
         after = sorted(ev for ev in events[p] if ev[0] > t)
-        if not after or after[0][1] > 0:
-            return None
-        spans.append((t, after[0][0], n))
+        spans.append((t, after[0][0] if after else end, n))
     return spans
 
 
 def _live_gathered_bytes(rank, world):
-    """Live gathered bytes at each all-gather of one compiled step (the first step whose frees
-    were all recorded), the groups' gathered sizes and the estimate's gather bytes."""
+    """Live gathered bytes at each all-gather of a compiled step (upper bounds; of the profiled
+    steps, which all do the same, the one with the tightest forward bound), the groups' gathered
+    sizes and the estimate's gather bytes."""
     from torch.profiler import ProfilerActivity, profile
 
     model = tiny_gpt()
@@ -135,14 +136,14 @@ def _live_gathered_bytes(rank, world):
     step = torch.compile(fz.train_step(model, lm_loss, tx, plan))
     data = batches(6)
     state, _ = step(state, data[0])  # compiles
-    recorded = []
+    n = len(state.binding.layouts)
+    lives = []
     for b in data[1:]:  # every rank runs every step (they gather together); each keeps its own count
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             state, _ = step(state, b)
-        recorded.append(_gathered_spans(prof))
-    spans = next((s for s in recorded if s is not None), None)
-    assert spans is not None, "no profiled step recorded every free"
-    live = [sum(n for t0, t1, n in spans if t0 <= t < t1) for t, _, _ in spans]
+        spans = _gathered_spans(prof)
+        lives.append([sum(k for t0, t1, k in spans if t0 <= t < t1) for t, _, _ in spans])
+    live = min(lives, key=lambda v: (max(v[:n]), max(v)))
     sizes = {g: lay.padded * 4 for g, lay in state.binding.layouts.items()}
     est = fz.estimate_memory(state.binding, compiled=True).gather
     return live, sizes, est
@@ -152,7 +153,8 @@ def test_compiled_stage3_frees_each_gathered_group_after_its_forward():
     """Compiled stage 3 holds what eager holds: at each forward gather, the root's group (its
     owner runs the whole forward) and the block being gathered, never the blocks before it; each
     group is gathered again in backward. Counted as live bytes of the all-gather outputs the
-    compiled code allocates (CPU profiler, allocations and frees)."""
+    compiled code allocates (CPU profiler, allocations and frees). The counts are upper bounds
+    and the root plus the block being gathered a lower bound, so equality is exact."""
     for live, sizes, est in run_world(_live_gathered_bytes, 2):
         n = len(sizes)
         forward = live[:n]  # the first n gathers are the forward's, one per group
