@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                         # B=8, T=1024, writes papers/zero/measured.md
     python benchmarks/memory.py --batch 4 --seq 512 --models gpt2,gpt2-medium --out /tmp/m.md
+    python benchmarks/memory.py --models gpt2-xl --stages 3 --modes eager,compiled   # issue 20
 
 For each (model, stage) a fresh process builds the model on the meta device, materialises its
 parameters on the GPU and hands them to ``funzero.init(params=...)`` (so the module never owns
@@ -12,6 +13,10 @@ weights), then takes ``--warmup`` steps (Triton compiles, autotuning, lazy works
   freed), against ``MemoryEstimate.gpu_state``: the check is 5 %;
 * peak: ``torch.cuda.max_memory_allocated()`` over the measured steps, against
   ``MemoryEstimate.gpu`` with ``gpt_activations`` included: the check is 15 %.
+
+``--modes eager,compiled`` measures each configuration both as the eager step and under
+``fz.compile`` (whose stage 3 frees each gathered group after its forward, as eager does); the
+compiled rows are also compared with the eager row of the same configuration.
 
 Both are measured from the allocator's level before ``init`` (the CUDA context and the
 allocator's reserve are not ``allocated`` memory and are excluded on both sides). An OOM is caught
@@ -63,7 +68,7 @@ def _loss(apply, batch):
     return apply(x, y)
 
 
-def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmup: int, mode: str = "eager") -> dict:
     """One configuration, in this process. Returns a JSON-able record."""
     import funzero as fz
     from funzero import estimate_memory, gpt_activations
@@ -78,9 +83,9 @@ def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmu
     precision = fz.bf16()
     tx = fz.optim.adamw(3e-4, weight_decay=0.1)
     acts = gpt_activations(cfg, batch=batch, seq=seq, dtype=precision.param_dtype)
-    est = estimate_memory(model, plan=plan, precision=precision, tx=tx, activations=acts)
+    est = estimate_memory(model, plan=plan, precision=precision, tx=tx, activations=acts, compiled=mode == "compiled")
     rec = dict(
-        model=model_name, size=SIZES.get(model_name, ""), params=est.num_params, stage=stage,
+        model=model_name, size=SIZES.get(model_name, ""), params=est.num_params, stage=stage, mode=mode,
         batch=batch, seq=seq, world=plan.num_shards,
         predicted_states=est.gpu_state, predicted_peak=est.gpu,
         predicted_parts=dict(state=dict(est.state), grads=est.grads, reduce=est.reduce, gather=est.gather,
@@ -101,6 +106,8 @@ def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmu
         rec["measured_states"] = torch.cuda.memory_allocated() - base
         rec["state_nbytes"] = fz.state_nbytes(state)["total"]
         step = fz.train_step(model, _loss, tx, plan)
+        if mode == "compiled":
+            step = fz.compile(step)
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=g)
         y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=g)
@@ -152,13 +159,13 @@ def _predict(args) -> int:
 
 
 def _child(args) -> int:
-    rec = measure(args.one, args.stage, args.batch, args.seq, args.steps, args.warmup)
+    rec = measure(args.one, args.stage, args.batch, args.seq, args.steps, args.warmup, args.mode)
     print("RESULT " + json.dumps(rec), flush=True)
     return 0
 
 
-def _spawn(model_name: str, stage: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--one", model_name, "--stage", str(stage), "--batch", str(args.batch),
+def _spawn(model_name: str, stage: int, args, mode: str = "eager") -> dict:
+    cmd = [sys.executable, __file__, "--one", model_name, "--stage", str(stage), "--mode", mode, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -187,14 +194,15 @@ def _verdict(r, kind) -> str:
     return "-" if ok is None else ("pass" if ok else "FAIL")
 
 
-COLUMNS = ["model", "stage", "states pred GB", "states meas GB", "err", "ok",
-           "peak pred GB", "peak meas GB", "err", "ok", "status"]
+COLUMNS = ["model", "stage", "mode", "states pred GB", "states meas GB", "err", "ok",
+           "peak pred GB", "peak meas GB", "err", "ok", "peak vs eager", "status"]
 
 
 def _row(r) -> list[str]:
-    return [f"{r['model']} ({r.get('size', '')})", str(r["stage"]),
+    return [f"{r['model']} ({r.get('size', '')})", str(r["stage"]), r.get("mode", "eager"),
             _gb(r.get("predicted_states")), _gb(r.get("measured_states")), _pct(r.get("states_err")), _verdict(r, "states"),
             _gb(r.get("predicted_peak")), _gb(r.get("measured_peak")), _pct(r.get("peak_err")), _verdict(r, "peak"),
+            _pct(r.get("peak_vs_eager")),
             r["status"] + (f": {r['error']}" if r.get("error") else "")]
 
 
@@ -234,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--predict", action="store_true", help="print the predictions only (no GPU needed)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
+    p.add_argument("--modes", default="eager", help="comma list of eager, compiled (fz.compile)")
     args = p.parse_args(argv)
     if args.predict:
         return _predict(args)
@@ -249,18 +259,28 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     con = Console()
+    modes = [x.strip() for x in args.modes.split(",") if x.strip()]
+    if set(modes) - {"eager", "compiled"}:
+        raise SystemExit(f"--modes takes eager and compiled, got {args.modes!r}")
     for m in models:
         for s in stages:
-            if args.inprocess:
-                try:
-                    r = measure(m, s, args.batch, args.seq, args.steps, args.warmup)
-                finally:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-            else:
-                r = _spawn(m, s, args)
-            results.append(r)
-            con.print(" ".join(_row(r)))
+            eager = None
+            for mode in modes:
+                if args.inprocess:
+                    try:
+                        r = measure(m, s, args.batch, args.seq, args.steps, args.warmup, mode)
+                    finally:
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                else:
+                    r = _spawn(m, s, args, mode)
+                r.setdefault("mode", mode)
+                if mode == "eager":
+                    eager = r
+                elif eager is not None and eager.get("measured_peak") and r.get("measured_peak"):
+                    r["peak_vs_eager"] = r["measured_peak"] / eager["measured_peak"] - 1
+                results.append(r)
+                con.print(" ".join(_row(r)))
     table = Table(title=f"funzero memory model vs {torch.cuda.get_device_name(0)}, B={args.batch} T={args.seq}")
     for c in COLUMNS:
         table.add_column(c)

@@ -233,15 +233,18 @@ def build(system: str, cfg, data, device, batch):
         return deepspeed_system(cfg, data, device, int(system[-1]), batch)
     if system.startswith("fz"):
         # fz<stage>-<eager|compile>[-offload|-cg|-flat][:<kernels joined by +, or none>]; -cg: fz.cuda_graph;
-        # -flat: an eager one-rank step packs the flat gradient (funzero.testing.set_leaf_grads off), for comparison
+        # -flat: an eager one-rank step packs the flat gradient (funzero.testing.set_leaf_grads off), for comparison;
+        # a trailing -noguard: train_step(nonfinite="ignore"), no inf/NaN check (the guard's cost, issue 22)
         name, _, kernels = system.partition(":")
+        name, noguard = name.removesuffix("-noguard"), name.endswith("-noguard")  # nonfinite="ignore"
         stage, mode = int(name[2]), name.split("-", 1)[1]
         if kernels:
             ks = () if kernels == "none" else tuple(kernels.split("+"))
             cfg = GPTConfig(**{**cfg.__dict__, "kernels": ks})
         placement = {"opt_state": "cpu"} if mode.endswith("offload") else None
         return funzero_system(cfg, data, device, stage, compiled=mode.startswith("compile"), placement=placement,
-                              graphed=mode.endswith("-cg"), leaf_grads=not mode.endswith("-flat"))
+                              graphed=mode.endswith("-cg"), leaf_grads=not mode.endswith("-flat"),
+                              nonfinite="ignore" if noguard else "skip")
     raise ValueError(f"unknown system {system!r}")
 
 
