@@ -14,7 +14,9 @@ weights), then takes ``--warmup`` steps (Triton compiles, autotuning, lazy works
 * peak: ``torch.cuda.max_memory_allocated()`` over the measured steps, against
   ``MemoryEstimate.gpu`` with ``gpt_activations`` included: the check is 15 %.
 
-``--modes eager,compiled`` measures each configuration both as the eager step and under
+``--explain`` records the allocator's history over the measured steps and prints what is alive at
+the peak, grouped by the line that allocated it (funzero's, the model's, or inductor's generated
+code). ``--modes eager,compiled`` measures each configuration both as the eager step and under
 ``fz.compile`` (whose stage 3 frees each gathered group after its forward, as eager does); the
 compiled rows are also compared with the eager row of the same configuration.
 
@@ -68,7 +70,50 @@ def _loss(apply, batch):
     return apply(x, y)
 
 
-def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmup: int, mode: str = "eager") -> dict:
+def _where(frames: list[dict]) -> str:
+    """The first frame of an allocation's stack that is not torch's own or the allocator's: a
+    line of funzero, of the model, or of inductor's generated code (whose source line names the
+    buffer), with that line's text."""
+    import linecache
+
+    for f in frames:
+        name = f.get("filename", "")
+        ours = "/funzero/" in name or "/ops/" in name or "torchinductor" in name or "/benchmarks/" in name
+        if ours and "/torch/" not in name.split("torchinductor")[0]:
+            text = linecache.getline(name, f.get("line", 0)).strip()
+            return f"{name.rsplit('/', 2)[-1]}:{f.get('line')} {f.get('name')}: {text[:120]}"
+    return "(torch internals)"
+
+
+def live_at_peak(snapshot: dict, top: int = 12) -> list[dict]:
+    """The blocks alive when the recorded trace's allocated bytes peaked, grouped by where they
+    were allocated (see :func:`_where`), largest first: what makes up a peak."""
+    trace = snapshot["device_traces"][0]
+    live, total, best, best_i = {}, 0, -1, 0
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+        if total > best:
+            best, best_i = total, i
+    alive = {}
+    for e in trace[: best_i + 1]:
+        if e["action"] == "alloc":
+            alive[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            alive.pop(e["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for e in alive.values():
+        groups.setdefault(_where(e.get("frames", [])), []).append(e["size"])
+    rows = sorted(({"where": k, "bytes": sum(v), "blocks": len(v)} for k, v in groups.items()),
+                  key=lambda r: -r["bytes"])
+    return [{"where": "(all recorded, at the trace's peak)", "bytes": best, "blocks": len(alive)}] + rows[:top]
+
+
+def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmup: int, mode: str = "eager",
+            explain: bool = False) -> dict:
     """One configuration, in this process. Returns a JSON-able record."""
     import funzero as fz
     from funzero import estimate_memory, gpt_activations
@@ -115,10 +160,15 @@ def measure(model_name: str, stage: int, batch: int, seq: int, steps: int, warmu
             state, metrics = step(state, (x, y))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        if explain:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         for _ in range(steps):
             state, metrics = step(state, (x, y))
         torch.cuda.synchronize()
         rec["measured_peak"] = torch.cuda.max_memory_allocated() - base
+        if explain:
+            rec["at_peak"] = live_at_peak(torch.cuda.memory._snapshot())
+            torch.cuda.memory._record_memory_history(enabled=None)
         rec["loss"] = float(metrics["loss"])
     except torch.cuda.OutOfMemoryError as e:
         rec["status"] = "oom"
@@ -159,13 +209,16 @@ def _predict(args) -> int:
 
 
 def _child(args) -> int:
-    rec = measure(args.one, args.stage, args.batch, args.seq, args.steps, args.warmup, args.mode)
+    rec = measure(args.one, args.stage, args.batch, args.seq, args.steps, args.warmup, args.mode, args.explain)
+    for r in rec.get("at_peak", []):
+        print(f"at peak: {r['bytes'] / 1e9:8.3f} GB in {r['blocks']:5d} blocks  {r['where']}", flush=True)
     print("RESULT " + json.dumps(rec), flush=True)
     return 0
 
 
 def _spawn(model_name: str, stage: int, args, mode: str = "eager") -> dict:
-    cmd = [sys.executable, __file__, "--one", model_name, "--stage", str(stage), "--mode", mode, "--batch", str(args.batch),
+    cmd = [sys.executable, __file__, "--one", model_name, "--stage", str(stage), "--mode", mode, *(["--explain"] if args.explain else []),
+           "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -244,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     p.add_argument("--modes", default="eager", help="comma list of eager, compiled (fz.compile)")
+    p.add_argument("--explain", action="store_true",
+                   help="record the allocator's history over the measured steps and list what is alive at the peak")
     args = p.parse_args(argv)
     if args.predict:
         return _predict(args)
@@ -268,7 +323,7 @@ def main(argv=None) -> int:
             for mode in modes:
                 if args.inprocess:
                     try:
-                        r = measure(m, s, args.batch, args.seq, args.steps, args.warmup, mode)
+                        r = measure(m, s, args.batch, args.seq, args.steps, args.warmup, mode, args.explain)
                     finally:
                         gc.collect()
                         torch.cuda.empty_cache()
