@@ -453,7 +453,11 @@ multi_transform = partition
 def global_norm(tree, info: ShardInfo | None = None) -> torch.Tensor:
     """L2 norm over every element of the tree (fp32), summed across shards when sharded.
 
-    A value may be :class:`LeafGrads` (a group's gradient as separate leaves)."""
+    A value may be :class:`LeafGrads` (a group's gradient as separate leaves). Under tensor
+    parallelism (``info.tp_split``) the leaves split over tp are summed over it too, the
+    replicated ones counted once."""
+    if info is not None and info.tp_split:
+        return _tp_global_norm(tree, info)
     leaves = gradient_tensors(tree)
     if leaves:
         # One multi-tensor pass that reads each gradient once and accumulates in fp32 (fp64 for
@@ -465,6 +469,30 @@ def global_norm(tree, info: ShardInfo | None = None) -> torch.Tensor:
     if info is not None and info.sharded:
         total = info.psum(total)
     return total.sqrt()
+
+
+def _tp_global_norm(tree, info: ShardInfo) -> torch.Tensor:
+    """:func:`global_norm` of ``{group: buffer or LeafGrads}`` with some leaves split over a
+    tensor-parallel axis: two partial square sums (split, replicated), both summed over the
+    shards, the split one over tp as well."""
+    split = info.tp_split
+    parts: tuple[list, list] = ([], [])  # squares of the split leaves, of the rest
+    for name, g in tree.items():
+        if isinstance(g, LeafGrads):
+            for path, t in zip(g.paths, g.grads):
+                parts[path not in split].append(t.reshape(-1))
+            continue
+        flat = g.reshape(-1)
+        for i, keep in enumerate((lambda p: p in split, lambda p: p not in split)):
+            parts[i].extend(flat[a:b] for a, b in _runs(info, name, flat.numel(), keep))
+    tensors = parts[0] + parts[1]
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    device = tensors[0].device if tensors else None
+    sums = torch.stack([torch.stack(torch._foreach_norm(p, 2, dtype=acc)).square().sum() if p
+                        else torch.zeros((), dtype=acc, device=device) for p in parts])
+    if info.sharded:
+        sums = info.psum(sums)
+    return (info.tp_psum(sums[0]) + sums[1]).sqrt()
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
