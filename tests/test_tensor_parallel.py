@@ -147,3 +147,124 @@ def test_gpt_tp4_equals_one_process():
     results = run_world(_world, 4, "gpt", 1, 4, [("count", 0, None), ("s3-clip", 3, CLIP)])[0]
     _check(results, refs)
     _check_counts(results["count"][1], num_blocks=2, local_batch=8, seq=16, hidden=24)
+
+
+# --- made on the meta device, written out whole, tied heads (one world of 2 tp ranks) --------------
+def _meta(kind: str):
+    with torch.device("meta"):
+        if kind == "gpt":
+            from funzero.models import GPT, GPTConfig
+            from tests._models import TINY
+
+            return GPT(GPTConfig(**{**TINY.__dict__, **GPT_KW}))
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            bos_token_id=0, eos_token_id=0, use_cache=False))
+
+
+def _tp2_world(rank, world, directory):
+    mesh = Mesh.from_env(("dp", "tp"), (1, 2))
+    out = {}
+    for kind in ("gpt", "llama"):  # init on meta: each split module made whole, then sliced
+        model = fz.tensor_parallel(_meta(kind), mesh, rules=kind)
+        plan = fz.zero(3, mesh=mesh, axis="dp")
+        state = fz.init(model, fz.optim.adamw(1e-2), plan, seed=3)
+        out[f"meta-{kind}"] = fz.gather_params(state, plan)
+    model = tiny_llama(tied=True)  # a tied LM head: the embedding's vocab split, shared
+    fz.tensor_parallel(model, mesh, rules="llama")
+    plan = fz.zero(2, mesh=mesh, axis="dp")
+    tx = fz.optim.adamw(1e-2, weight_decay=0.1)
+    state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
+    step = fz.train_step(model, _hf_loss, tx, plan)
+    for b in batches(STEPS, vocab=VOCAB):
+        state, _ = step(state, b)
+    out["tied"] = fz.gather_params(state, plan)
+    out["written"] = fz.save_weights(state, plan, directory, dtype=torch.float32, config=model.config)
+    return out if rank == 0 else None
+
+
+def test_tp_made_on_meta_written_whole_and_tied_heads(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    got = run_world(_tp2_world, 2, str(tmp_path))[0]
+    for kind in ("gpt", "llama"):  # the slices of what the unsplit model is made with, bit for bit
+        want = dict(fz.init_weights(_meta(kind), seed=3).named_parameters())
+        assert got[f"meta-{kind}"].keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(got[f"meta-{kind}"][k], v), (kind, k)
+    ref = _reference_tied()
+    assert got["tied"].keys() == ref.keys()
+    for k in ref:
+        assert _rel(got["tied"][k], ref[k]) < 1e-10, (k, _rel(got["tied"][k], ref[k]))
+    assert "model.safetensors" in got["written"]
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    for k, v in got["tied"].items():
+        assert torch.equal(loaded[k], v.float()), k
+    assert torch.equal(loaded["lm_head.weight"], loaded["model.embed_tokens.weight"])
+
+
+def _reference_tied():
+    out = torch_reference(_Labels(tiny_llama(tied=True)), batches(STEPS, vocab=VOCAB))
+    return {k.removeprefix("inner."): v for k, v in out.items()}
+
+
+# --- rules that cannot apply --------------------------------------------------------------------
+def _mesh(tp: int, axes=("dp", "tp")) -> Mesh:
+    return Mesh(axes, (1, tp)[-len(axes):])  # sizes only: every error comes before a collective
+
+
+@pytest.mark.parametrize("build, rules, tp, message", [
+    (lambda: tiny_gpt(), "gpt", 2,
+     r"leaf 'wte.weight' of shape \(67, 24\): dim 0 \(67\) does not divide over 2 ranks of axis 'tp'"),
+    (lambda: tiny_gpt(vocab_size=VOCAB, n_head=2), "gpt", 4,
+     r"module 'blocks.0.attn': n_head = 2 does not divide over 4 tensor-parallel ranks"),
+    (lambda: tiny_llama(kv_heads=2), "llama", 4,
+     r"module 'model.layers.0.self_attn': config.num_key_value_heads = 2 does not divide over 4"),
+    (lambda: tiny_llama(), [(r"self_attn\.q_proj$", "colwise"), (r"nothing$", "rowwise")], 2,
+     r"tensor-parallel rule 'nothing\$' matches nothing"),
+    (lambda: tiny_gpt(vocab_size=VOCAB), [(r"attn\.c_attn$", "split_out", 5)], 2,
+     r"leaf 'blocks.0.attn.c_attn.weight' of shape \(72, 24\): dim 0 \(72\) is not 5 equal sections"),
+    (lambda: tiny_gpt(vocab_size=VOCAB), [(r"^wte$", "rowwise")], 2,
+     r"module 'wte' is a Embedding: style 'rowwise' splits nn.Linear"),
+    (lambda: tiny_gpt(vocab_size=VOCAB), [(r"^wte$", "sideways")], 2, r"style must be one of .* got 'sideways'"),
+    (lambda: tiny_gpt(vocab_size=VOCAB), "llama3", 2, r"unknown tensor-parallel preset 'llama3'"),
+])
+def test_bad_rules_raise_naming_the_leaf_and_the_numbers(build, rules, tp, message):
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        fz.tensor_parallel(model, _mesh(tp), rules=rules)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was split half-way
+    assert fz.tp_layout(model) is None
+
+
+def test_an_axis_the_mesh_lacks_is_named():
+    with pytest.raises(ValueError, match=r"tensor-parallel axis 'tp' is not an axis of Mesh\(dp=1"):
+        fz.tensor_parallel(tiny_gpt(vocab_size=VOCAB), _mesh(1, ("dp",)), rules="gpt")
+
+
+def test_flat_specs_keep_dim_0_and_leaf_specs_split_any_dim():
+    full = torch.arange(6 * 4).view(6, 4)
+    for spec in (Shard("tp", 0), Shard("tp", 1), Shard("tp", 0, (2, 4)), Replicate("tp")):
+        parts = [shard_of(full, spec, r, 2) for r in range(2)]
+        assert torch.equal(join_shards(parts, spec), full), spec
+    assert shard_of(full, Shard("tp", 0, (2, 4)), 1, 2)[:, 0].tolist() == [4, 16, 20]  # row 1 of (0,1), rows 4,5 of 2..5
+    with pytest.raises(ValueError, match=r"leaf 'w' of shape \(6, 4\): section 0 \(3\) of dim 0 does not divide over 2"):
+        check_split("w", (6, 4), Shard("tp", 0, (3, 3)), 2)
+    with pytest.raises(ValueError, match=r"leaf 'w' of shape \(6, 4\) has no dim 2"):
+        check_split("w", (6, 4), Shard("tp", 2), 2)
+
+
+def test_vocab_parallel_cross_entropy_on_one_rank_is_cross_entropy():
+    logits = torch.randn(5, 7, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (5, 7))
+    labels[0, :3] = -100
+    got = vocab_parallel_cross_entropy(logits, labels, _mesh(1), "tp")
+    want = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+    assert torch.allclose(got, want, rtol=1e-12)
+    (g1,) = torch.autograd.grad(got, logits)
+    (g2,) = torch.autograd.grad(want, logits)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-14)
