@@ -180,7 +180,9 @@ class Filler:
         if path in self.overrides:
             return self.overrides[path].detach().reshape(-1)[a:z]
         if self.weights is not None:
-            return self.weights.read(self.key_map[path], a, z)
+            from funzero._tp import read_local
+
+            return read_local(self.b.tp, self.weights, self.key_map[path], path, a, z)
         if path in made:
             return made[path].detach().reshape(-1)[a:z]
         return self.named[path].detach().reshape(-1)[a:z]

@@ -49,6 +49,7 @@ Design notes (the footguns):
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -505,4 +506,29 @@ def tp_info(tp: TPLayout | None, compute) -> dict:
     """The :class:`~funzero.optim.ShardInfo` fields of a tp split (none without one)."""
     if tp is None or tp.size == 1:
         return {}
-    return {"tp_split": frozenset(tp.specs), "tp_psum": lambda x: tp.psum(x.to(compute)).to(x.device)}
+    return {"tp_split": frozenset(tp.specs), "tp_psum": lambda x: tp.psum(x.to(compute)).to(x.device),
+            "tp_size": tp.size}
+
+
+def refuse_checkpoint(b, what: str) -> None:
+    """Raise for a state split over tp: checkpoints key each buffer by group and dp shard only, so
+    the tp ranks' different slices would overwrite each other (resharding across dp x tp layouts
+    is not written yet)."""
+    if b.tp is not None and b.tp.size > 1:
+        raise ValueError(f"{what} of a state split over {b.tp.size} tensor-parallel ranks (axis {b.tp.axis!r}) is not "
+                         "supported yet; fz.save_weights writes its weights whole (and fz.init(weights=...) "
+                         "reads them back unsplit)")
+
+
+def read_local(tp: TPLayout | None, source, key: str, path: str, lo: int, hi: int) -> torch.Tensor:
+    """Elements ``[lo, hi)`` of this rank's slice of leaf ``path``, read from a weights source that
+    holds the whole tensor under ``key``: only the range itself where the slice is one piece of the
+    whole (a split of dim 0 into one section), else the whole tensor, sliced."""
+    spec = None if tp is None else tp.specs.get(path)
+    if spec is None or tp.size == 1:
+        return source.read(key, lo, hi)
+    shape = tp.shapes[path]
+    if spec.dim == 0 and not spec.sections:
+        base = tp.rank * math.prod(local_shape(shape, spec, tp.size))
+        return source.read(key, base + lo, base + hi)
+    return shard_of(source.read(key).view(shape), spec, tp.rank, tp.size).reshape(-1)[lo:hi]

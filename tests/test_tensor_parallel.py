@@ -68,15 +68,22 @@ def _model(kind: str):
     return tiny_gpt(dtype=torch.float64, **GPT_KW) if kind == "gpt" else tiny_llama()
 
 
-def _train(kind, mesh, stage, clip=None, count=False):
+def _tx(name):
+    """The optimizer of a scenario: AdamW after clipping by the global norm (``clip``), by each
+    leaf's RMS (``block_rms``: per-leaf statistics), or LAMB (per-leaf trust ratios)."""
+    adamw = fz.optim.adamw(1e-2, weight_decay=0.1)
+    return {None: adamw, "clip": fz.optim.chain(fz.optim.clip_by_global_norm(CLIP), adamw),
+            "block_rms": fz.optim.chain(fz.optim.clip_by_block_rms(1e-3), adamw),
+            "lamb": fz.optim.lamb(1e-2, weight_decay=0.1)}[name]
+
+
+def _train(kind, mesh, stage, tx_name=None, count=False):
     """STEPS of fz with tp on ``mesh`` at ZeRO ``stage`` over dp: the gathered parameters (and the
     first step's collective calls and elements when ``count``)."""
     model = _model(kind)
     fz.tensor_parallel(model, mesh, rules=kind if kind == "gpt" else "llama")
     plan = fz.zero(stage, mesh=mesh, axis="dp", groups=GROUPS if kind == "gpt" else [r"layers\.(\d+)\."])
-    tx = fz.optim.adamw(1e-2, weight_decay=0.1)
-    if clip is not None:
-        tx = fz.optim.chain(fz.optim.clip_by_global_norm(clip), tx)
+    tx = _tx(tx_name)
     state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
     step = fz.train_step(model, lm_loss if kind == "gpt" else _hf_loss, tx, plan)
     counts = None
@@ -94,19 +101,19 @@ def _train(kind, mesh, stage, clip=None, count=False):
 def _world(rank, world, kind, dp, tp, scenarios):
     mesh = Mesh.from_env(("dp", "tp"), (dp, tp))
     out = {}
-    for name, stage, clip in scenarios:
-        full, counts = _train(kind, mesh, stage, clip, count=name == "count")
+    for name, stage, tx_name in scenarios:
+        full, counts = _train(kind, mesh, stage, tx_name, count=name == "count")
         out[name] = (full, counts) if rank == 0 else None
     return out
 
 
 _SCENARIOS = [("count", 0, None), ("s1", 1, None), ("s2", 2, None), ("s3", 3, None),
-              ("s1-clip", 1, CLIP), ("s3-clip", 3, CLIP)]
+              ("s1-clip", 1, "clip"), ("s3-clip", 3, "clip")]
 
 
 def _check(results, refs):
     for name, (got, _) in results.items():
-        ref = refs["clip" if name.endswith("clip") else "plain"]
+        ref = refs[name.partition("-")[2] or "plain"]
         assert got.keys() == ref.keys(), name
         for k in ref:
             assert got[k].shape == ref[k].shape, (name, k)
@@ -144,13 +151,16 @@ def test_llama_dp2_tp2_every_stage_and_clipping_equal_one_process():
 
 def test_gpt_tp4_equals_one_process():
     refs = {"plain": _reference("gpt"), "clip": _reference("gpt", CLIP)}
-    results = run_world(_world, 4, "gpt", 1, 4, [("count", 0, None), ("s3-clip", 3, CLIP)])[0]
+    one = Mesh.from_env(("dp", "tp"), (1, 1))  # fz on one rank, this process: the per-leaf statistics' truth
+    refs.update({name: _train("gpt", one, 0, name)[0] for name in ("block_rms", "lamb")})
+    results = run_world(_world, 4, "gpt", 1, 4, [("count", 0, None), ("s3-clip", 3, "clip"),
+                                                  ("s2-block_rms", 2, "block_rms"), ("s1-lamb", 1, "lamb")])[0]
     _check(results, refs)
     _check_counts(results["count"][1], num_blocks=2, local_batch=8, seq=16, hidden=24)
 
 
 # --- made on the meta device, written out whole, tied heads (one world of 2 tp ranks) --------------
-def _meta(kind: str):
+def _meta(kind: str, tied: bool = False):
     with torch.device("meta"):
         if kind == "gpt":
             from funzero.models import GPT, GPTConfig
@@ -161,7 +171,8 @@ def _meta(kind: str):
 
         return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            bos_token_id=0, eos_token_id=0, use_cache=False))
+                                            tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
+                                            use_cache=False))
 
 
 def _tp2_world(rank, world, directory):
@@ -182,6 +193,19 @@ def _tp2_world(rank, world, directory):
         state, _ = step(state, b)
     out["tied"] = fz.gather_params(state, plan)
     out["written"] = fz.save_weights(state, plan, directory, dtype=torch.float32, config=model.config)
+    try:
+        fz.save_state(state, plan, directory + "/ckpt")
+    except ValueError as e:
+        out["save_state"] = str(e)
+    # Each rank reads its slices of what was written whole: a Llama's rows (dim 0), then a GPT's
+    # dim-1 and fused q/k/v splits (read whole, then sliced).
+    model = fz.tensor_parallel(_meta("llama", tied=True), mesh, rules="llama")
+    out["reloaded-llama"] = fz.gather_params(fz.init(model, fz.optim.adamw(1e-2), plan, weights=directory), plan)
+    made = fz.init(fz.tensor_parallel(_meta("gpt"), mesh, rules="gpt"), fz.optim.adamw(1e-2), plan, seed=5)
+    out["gpt-made"] = fz.gather_params(made, plan)
+    fz.save_weights(made, plan, directory + "/gpt")
+    model = fz.tensor_parallel(_meta("gpt"), mesh, rules="gpt")
+    out["reloaded-gpt"] = fz.gather_params(fz.init(model, fz.optim.adamw(1e-2), plan, weights=directory + "/gpt"), plan)
     return out if rank == 0 else None
 
 
@@ -203,6 +227,12 @@ def test_tp_made_on_meta_written_whole_and_tied_heads(tmp_path):
     for k, v in got["tied"].items():
         assert torch.equal(loaded[k], v.float()), k
     assert torch.equal(loaded["lm_head.weight"], loaded["model.embed_tokens.weight"])
+    assert "save_state of a state split over 2 tensor-parallel ranks (axis 'tp') is not supported" in got["save_state"]
+    for k, v in got["tied"].items():  # fz.init(weights=...) of a split model: its slices of the whole
+        assert torch.equal(got["reloaded-llama"][k], v.float()), k
+    assert got["gpt-made"].keys() == got["reloaded-gpt"].keys()
+    for k, v in got["gpt-made"].items():
+        assert torch.equal(got["reloaded-gpt"][k], v), k
 
 
 def _reference_tied():

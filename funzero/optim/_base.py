@@ -93,6 +93,7 @@ class ShardInfo:
         tp_split: leaf paths split over a tensor-parallel axis (each tp rank holds a slice).
         tp_psum: sums a tensor over that axis (a split leaf's statistics are summed there too,
             a replicated leaf's are not).
+        tp_size: ranks of that axis (a split leaf has ``tp_size`` times the elements a rank sees).
     """
 
     layouts: Mapping[str, FlatLayout]
@@ -101,6 +102,7 @@ class ShardInfo:
     psum: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
     tp_split: frozenset = frozenset()
     tp_psum: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    tp_size: int = 1
 
     def segments(self, group: str) -> list[tuple[str, int, int]]:
         """``(leaf path, start, stop)`` of each leaf piece inside this rank's buffer of ``group``."""

@@ -190,12 +190,17 @@ def _runs(info: ShardInfo | None, name: str, numel: int, keep: Callable[[str], b
 
 
 def _leafwise_psum(sums: torch.Tensor, keys: Sequence[tuple[str, str]], info: ShardInfo) -> torch.Tensor:
-    """Sum per-leaf partial sums over shards: scatter to a per-leaf table, psum, gather back."""
+    """Sum per-leaf partial sums over shards: scatter to a per-leaf table, psum, gather back. The
+    rows of leaves split over a tensor-parallel axis are summed over it as well."""
     slots = {(g, path): j for j, (g, path) in enumerate((g, s.path) for g, lay in info.layouts.items() for s in lay.slots)}
     table = torch.zeros(len(slots), *sums.shape[1:], dtype=sums.dtype, device=sums.device)
     index = torch.tensor([slots[k] for k in keys], device=sums.device, dtype=torch.long)
     table = table.index_add(0, index, sums)
-    table = info.psum(table)
+    if info.sharded:
+        table = info.psum(table)
+    if info.tp_split:
+        split = torch.tensor([path in info.tp_split for _, path in slots], device=sums.device)
+        table = torch.where(split.view(-1, *[1] * (table.dim() - 1)), info.tp_psum(table), table)
     return table[index]
 
 
@@ -208,7 +213,7 @@ def _leaf_sums(pc, info: ShardInfo | None, stat: Callable[[int, int, int], torch
             rows.append(stat(i, a, b))
             keys.append((name, path))
     sums = torch.stack(rows) if rows else torch.zeros(0, width)
-    if info is not None and info.sharded and rows:
+    if info is not None and (info.sharded or info.tp_split) and rows:
         sums = _leafwise_psum(sums, keys, info)
     return sums
 
@@ -218,7 +223,8 @@ def _leaf_numels(pc, info: ShardInfo | None) -> list[int]:
     if info is None:
         return [x.numel() for x in pc.leaves]
     slots = model_leaves(info)
-    return [slots[path].numel for segs in pc.segments for path, _, _ in segs]
+    return [slots[path].numel * (info.tp_size if path in info.tp_split else 1) for segs in pc.segments
+            for path, _, _ in segs]
 
 
 def _per_segment(pc, info: ShardInfo | None, factors: torch.Tensor, op) -> list[torch.Tensor]:
