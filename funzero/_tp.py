@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from funzero._collectives import all_gather, all_reduce
+from funzero._group import backward_phase
 from shardspec import Mesh, Shard, check_split, first_match, join_shards, local_shape, shard_of
 
 __all__ = ["PRESETS", "TPLayout", "TPRule", "copy_to_tp", "full_shape_init", "gpt_rules", "llama_rules",
@@ -165,7 +166,8 @@ class CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad, ctx.mesh, ctx.axis, op="sum", tag="tp_bwd"), None, None
+        with backward_phase(torch.compiler.is_compiling()):
+            return all_reduce(grad, ctx.mesh, ctx.axis, op="sum", tag="tp_bwd"), None, None
 
 
 class ReduceFromTP(torch.autograd.Function):

@@ -75,6 +75,13 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        from funzero._group import backward_phase  # compiled: one backward region (see there)
+
+        with backward_phase(torch.compiler.is_compiling()):
+            return _VocabParallelCE.local_backward(ctx, grad)
+
+    @staticmethod
+    def local_backward(ctx, grad):
         x, sumexp, t, mine, ignored = ctx.saved_tensors
         g = x.exp().div_(sumexp[:, None])  # softmax (N, V_local)
         g.scatter_add_(-1, t[:, None], -mine.to(g.dtype)[:, None])

@@ -56,8 +56,8 @@ def _hf_loss(apply, b):
 
 
 def _reference(kind: str, clip=None):
-    if kind == "gpt":
-        ref = tiny_gpt(dtype=torch.float64, **GPT_KW)
+    if kind.startswith("gpt"):
+        ref = _model(kind)
         ref.loss_function = lambda logits, t: F.cross_entropy(logits, t)  # fp64, as the split one
         return torch_reference(ref, batches(STEPS, vocab=VOCAB), clip=clip)
     out = torch_reference(_Labels(tiny_llama()), batches(STEPS, vocab=VOCAB), clip=clip)
@@ -65,6 +65,11 @@ def _reference(kind: str, clip=None):
 
 
 def _model(kind: str):
+    """``gpt``: the plain GPT; ``gpt-fused``: with its default kernels (their torch references on the
+    CPU), whose fused q/k/v, MLP and residual-norm paths call the projections' weights directly and
+    add c_proj's bias on the residual side (the ``region`` rules); ``llama``: HF Llama."""
+    if kind == "gpt-fused":
+        return tiny_gpt(dtype=torch.float64, fused=True, **GPT_KW)
     return tiny_gpt(dtype=torch.float64, **GPT_KW) if kind == "gpt" else tiny_llama()
 
 
@@ -81,11 +86,12 @@ def _train(kind, mesh, stage, tx_name=None, count=False):
     """STEPS of fz with tp on ``mesh`` at ZeRO ``stage`` over dp: the gathered parameters (and the
     first step's collective calls and elements when ``count``)."""
     model = _model(kind)
-    fz.tensor_parallel(model, mesh, rules=kind if kind == "gpt" else "llama")
-    plan = fz.zero(stage, mesh=mesh, axis="dp", groups=GROUPS if kind == "gpt" else [r"layers\.(\d+)\."])
+    gpt = kind.startswith("gpt")
+    fz.tensor_parallel(model, mesh, rules="gpt" if gpt else "llama")
+    plan = fz.zero(stage, mesh=mesh, axis="dp", groups=GROUPS if gpt else [r"layers\.(\d+)\."])
     tx = _tx(tx_name)
     state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
-    step = fz.train_step(model, lm_loss if kind == "gpt" else _hf_loss, tx, plan)
+    step = fz.train_step(model, lm_loss if gpt else _hf_loss, tx, plan)
     counts = None
     for i, b in enumerate(batches(STEPS, vocab=VOCAB)):
         if count and i == 0:
@@ -101,8 +107,8 @@ def _train(kind, mesh, stage, tx_name=None, count=False):
 def _world(rank, world, kind, dp, tp, scenarios):
     mesh = Mesh.from_env(("dp", "tp"), (dp, tp))
     out = {}
-    for name, stage, tx_name in scenarios:
-        full, counts = _train(kind, mesh, stage, tx_name, count=name == "count")
+    for name, stage, tx_name, *model_kind in scenarios:
+        full, counts = _train(model_kind[0] if model_kind else kind, mesh, stage, tx_name, count=name == "count")
         out[name] = (full, counts) if rank == 0 else None
     return out
 
@@ -112,6 +118,7 @@ _SCENARIOS = [("count", 0, None), ("s1", 1, None), ("s2", 2, None), ("s3", 3, No
 
 
 def _check(results, refs):
+    """``refs``: the truth by the part of each scenario's name after its first dash (none: plain)."""
     for name, (got, _) in results.items():
         ref = refs[name.partition("-")[2] or "plain"]
         assert got.keys() == ref.keys(), name
@@ -153,8 +160,10 @@ def test_gpt_tp4_equals_one_process():
     refs = {"plain": _reference("gpt"), "clip": _reference("gpt", CLIP)}
     one = Mesh.from_env(("dp", "tp"), (1, 1))  # fz on one rank, this process: the per-leaf statistics' truth
     refs.update({name: _train("gpt", one, 0, name)[0] for name in ("block_rms", "lamb")})
+    refs["fused"] = _reference("gpt-fused")
     results = run_world(_world, 4, "gpt", 1, 4, [("count", 0, None), ("s3-clip", 3, "clip"),
-                                                  ("s2-block_rms", 2, "block_rms"), ("s1-lamb", 1, "lamb")])[0]
+                                                  ("s2-block_rms", 2, "block_rms"), ("s1-lamb", 1, "lamb"),
+                                                  ("s3-fused", 3, None, "gpt-fused")])[0]
     _check(results, refs)
     _check_counts(results["count"][1], num_blocks=2, local_batch=8, seq=16, hidden=24)
 
@@ -298,3 +307,37 @@ def test_vocab_parallel_cross_entropy_on_one_rank_is_cross_entropy():
     (g1,) = torch.autograd.grad(got, logits)
     (g2,) = torch.autograd.grad(want, logits)
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-14)
+
+
+# --- compiled ---------------------------------------------------------------------------------------
+def _compiled_world(rank, world):
+    from torch._dynamo.utils import counters
+
+    mesh = Mesh.from_env(("dp", "tp"), (2, 2))
+    out = {}
+    for compiled in (False, True):
+        model = _model("gpt")
+        fz.tensor_parallel(model, mesh, rules="gpt")
+        plan = fz.zero(3, mesh=mesh, axis="dp", groups=GROUPS)
+        tx = _tx("clip")
+        state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
+        step = fz.train_step(model, lm_loss, tx, plan)
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            step = torch.compile(step, backend="aot_eager")
+        for b in batches(2, vocab=VOCAB):
+            state, _ = step(state, b)
+        out[compiled] = (fz.gather_params(state, plan), dict(counters["graph_break"]) if compiled else {})
+    return out if rank == 0 else None
+
+
+@pytest.mark.slow
+def test_compiled_stage3_with_tp_matches_eager_without_graph_breaks():
+    """The tp collectives' backward is one backward region with the groups' reduces (the compiled
+    stage-3 step's re-gather pass refuses disjoint ones)."""
+    out = run_world(_compiled_world, 4)[0]
+    (eager, _), (compiled, breaks) = out[False], out[True]
+    assert not breaks, breaks
+    for k, v in eager.items():
+        assert _rel(compiled[k], v) < 1e-10, k
