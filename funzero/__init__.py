@@ -29,7 +29,8 @@ from funzero._deepspeed import Initialized, block_rules, initialize
 from funzero._weights import WeightSource, gather_weights, map_keys, open_weights, save_weights
 
 # tensor parallelism (issue 23)
-from funzero._tp import TPLayout, TPRule, copy_to_tp, gpt_rules, llama_rules, reduce_from_tp, tensor_parallel, tp_layout
+from funzero._tp import (TPLayout, TPRule, copy_to_tp, gpt2_rules, gpt_rules, llama_rules, reduce_from_tp,
+                         tensor_parallel, tp_layout)
 
 __all__ = [
     "ActivationEstimate",
@@ -92,6 +93,7 @@ __all__ = [
     "TPLayout",
     "TPRule",
     "copy_to_tp",
+    "gpt2_rules",
     "gpt_rules",
     "llama_rules",
     "reduce_from_tp",

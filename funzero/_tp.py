@@ -62,7 +62,7 @@ from funzero._collectives import all_gather, all_reduce
 from funzero._group import backward_phase
 from shardspec import Mesh, Shard, check_split, first_match, join_shards, local_shape, shard_of
 
-__all__ = ["PRESETS", "TPLayout", "TPRule", "copy_to_tp", "full_shape_init", "gpt_rules", "llama_rules",
+__all__ = ["PRESETS", "TPLayout", "TPRule", "copy_to_tp", "full_shape_init", "gpt2_rules", "gpt_rules", "llama_rules",
            "reduce_from_tp", "tensor_parallel", "tp_info", "tp_layout"]
 
 STYLES = ("colwise", "rowwise", "vocab", "split_out", "split_in", "copy_in", "reduce_out", "region", "replicate")
@@ -198,7 +198,8 @@ def reduce_from_tp(x: torch.Tensor, mesh: Mesh, axis: str = "tp") -> torch.Tenso
 # --- the swapped forwards -------------------------------------------------------------------------
 def _rowwise_forward(self, x):
     site = getattr(self, _ATTR)
-    y = reduce_from_tp(F.linear(x, self.weight), site.mesh, site.axis)
+    y = F.linear(x, self.weight) if isinstance(self, nn.Linear) else x @ self.weight  # Conv1D keeps (in, out)
+    y = reduce_from_tp(y, site.mesh, site.axis)
     return y if self.bias is None else y + self.bias  # once, after the sum
 
 
@@ -292,7 +293,8 @@ def _leaf_specs(module: nn.Module, path: str, rule: TPRule, axis: str) -> dict[s
     return {"weight": Shard(axis, in_dim)}
 
 
-_HEAD_COUNTS = ("n_head", "num_heads", "num_key_value_heads")  # per-module head counts a forward reads
+# Per-module head counts (and GPT-2's split_size, the width of q, k and v) that a forward reads.
+_HEAD_COUNTS = ("n_head", "num_heads", "num_key_value_heads", "split_size")
 
 
 def _check_heads(model: nn.Module, split_modules: set[str], size: int) -> None:
@@ -349,8 +351,8 @@ def tensor_parallel(model: nn.Module, mesh: Mesh, rules: str | Sequence = "llama
     Args:
         model: an instantiated module (real or meta device).
         mesh: a mesh with an axis named ``axis`` (``Mesh.from_env(("dp", "tp"), (2, 2))``).
-        rules: ``"llama"`` (Llama, Mistral, Qwen2-style HF models), ``"gpt"``
-            (``funzero.models.GPT``), or rules: :class:`TPRule` or ``(regex, style[, sections])``.
+        rules: ``"llama"`` (Llama, Mistral, Qwen2-style HF models), ``"gpt2"`` (HF GPT-2),
+            ``"gpt"`` (``funzero.models.GPT``), or rules: :class:`TPRule` or ``(regex, style[, sections])``.
         axis: the tensor-parallel axis.
 
     Raises:
@@ -410,8 +412,27 @@ def tensor_parallel(model: nn.Module, mesh: Mesh, rules: str | Sequence = "llama
     return model
 
 
+# The sizes a module keeps beside its weight, by the weight dim they describe (Conv1D's ``nf`` is
+# read by its forward; the others by reprs and by code that sizes buffers from them).
+_SIZES = {(nn.Linear, 0): "out_features", (nn.Linear, 1): "in_features", (nn.Embedding, 0): "num_embeddings"}
+
+
+def _local_sizes(module: nn.Module, site: Site) -> None:
+    """The size attributes of ``module`` that its split weight changed, set to this rank's."""
+    spec = site.split.get("weight", (None,))[0]
+    if spec is None or site.size == 1:
+        return
+    local = module._parameters["weight"].shape[spec.dim]
+    name = next((a for (cls, dim), a in _SIZES.items() if isinstance(module, cls) and dim == spec.dim), None)
+    if name is None and type(module).__name__ == "Conv1D" and spec.dim == 1:
+        name = "nf"
+    if name is not None:
+        setattr(module, name, local)
+
+
 def _install(module: nn.Module, style: str, site: Site) -> None:
     object.__setattr__(module, _ATTR, site)
+    _local_sizes(module, site)
     if style in ("rowwise", "vocab"):
         _swap_class(module, style)
     if style in ("colwise", "copy_in", "region"):
@@ -483,6 +504,20 @@ def llama_rules(model: nn.Module | None = None) -> list[TPRule]:
     return rules
 
 
+def gpt2_rules(model: nn.Module | None = None) -> list[TPRule]:
+    """Hugging Face GPT-2 (``Conv1D`` projections, whose weights are (in, out)): the fused c_attn
+    split per q/k/v section, c_fc by output, both c_proj by input, wte (tied to lm_head) by
+    vocabulary; the input collective on the attention and MLP modules."""
+    return [
+        TPRule(r"attn\.c_attn$", "split_out", sections=3),
+        TPRule(r"mlp\.c_fc$", "split_out"),
+        TPRule(r"(attn|mlp)\.c_proj$", "rowwise"),
+        TPRule(r"\.(attn|mlp)$", "copy_in"),
+        TPRule(r"wte$", "vocab"),
+        TPRule(r"^lm_head$", "colwise"),
+    ]
+
+
 def gpt_rules(model: nn.Module | None = None) -> list[TPRule]:
     """``funzero.models.GPT``: the fused c_attn split per q/k/v section (each rank its heads' q, k
     and v), c_fc by output, both c_proj by input, wte (tied to lm_head) by vocabulary. The input
@@ -501,7 +536,7 @@ def gpt_rules(model: nn.Module | None = None) -> list[TPRule]:
     ]
 
 
-PRESETS = {"llama": llama_rules, "mistral": llama_rules, "qwen2": llama_rules, "gpt": gpt_rules}
+PRESETS = {"llama": llama_rules, "mistral": llama_rules, "qwen2": llama_rules, "gpt": gpt_rules, "gpt2": gpt2_rules}
 
 
 def tp_info(tp: TPLayout | None, compute) -> dict:

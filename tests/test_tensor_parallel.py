@@ -35,6 +35,17 @@ def tiny_llama(*, tied: bool = False, kv_heads: int = 2, dtype=torch.float64, se
     return model
 
 
+def tiny_gpt2(dtype=torch.float64, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    model = GPT2LMHeadModel(cfg).to(dtype)
+    model.loss_function = _plain_hf_loss
+    return model
+
+
 def _plain_hf_loss(logits, labels, vocab_size=None, ignore_index=-100, **_):
     shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=ignore_index)
@@ -56,11 +67,11 @@ def _hf_loss(apply, b):
 
 
 def _reference(kind: str, clip=None):
-    if kind.startswith("gpt"):
+    if kind in ("gpt", "gpt-fused"):
         ref = _model(kind)
         ref.loss_function = lambda logits, t: F.cross_entropy(logits, t)  # fp64, as the split one
         return torch_reference(ref, batches(STEPS, vocab=VOCAB), clip=clip)
-    out = torch_reference(_Labels(tiny_llama()), batches(STEPS, vocab=VOCAB), clip=clip)
+    out = torch_reference(_Labels(_model(kind)), batches(STEPS, vocab=VOCAB), clip=clip)
     return {k.removeprefix("inner."): v for k, v in out.items()}
 
 
@@ -70,6 +81,8 @@ def _model(kind: str):
     add c_proj's bias on the residual side (the ``region`` rules); ``llama``: HF Llama."""
     if kind == "gpt-fused":
         return tiny_gpt(dtype=torch.float64, fused=True, **GPT_KW)
+    if kind == "gpt2":
+        return tiny_gpt2()
     return tiny_gpt(dtype=torch.float64, **GPT_KW) if kind == "gpt" else tiny_llama()
 
 
@@ -86,9 +99,9 @@ def _train(kind, mesh, stage, tx_name=None, count=False):
     """STEPS of fz with tp on ``mesh`` at ZeRO ``stage`` over dp: the gathered parameters (and the
     first step's collective calls and elements when ``count``)."""
     model = _model(kind)
-    gpt = kind.startswith("gpt")
-    fz.tensor_parallel(model, mesh, rules="gpt" if gpt else "llama")
-    plan = fz.zero(stage, mesh=mesh, axis="dp", groups=GROUPS if gpt else [r"layers\.(\d+)\."])
+    gpt = kind in ("gpt", "gpt-fused")
+    fz.tensor_parallel(model, mesh, rules="gpt" if gpt else kind)
+    plan = fz.zero(stage, mesh=mesh, axis="dp", groups=GROUPS if gpt else [r"(layers|h)\.(\d+)\."])
     tx = _tx(tx_name)
     state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
     step = fz.train_step(model, lm_loss if gpt else _hf_loss, tx, plan)
@@ -150,8 +163,8 @@ def test_gpt_dp2_tp2_every_stage_and_clipping_equal_one_process():
 
 
 def test_llama_dp2_tp2_every_stage_and_clipping_equal_one_process():
-    refs = {"plain": _reference("llama"), "clip": _reference("llama", CLIP)}
-    results = run_world(_world, 4, "llama", 2, 2, _SCENARIOS)[0]
+    refs = {"plain": _reference("llama"), "clip": _reference("llama", CLIP), "gpt2": _reference("gpt2")}
+    results = run_world(_world, 4, "llama", 2, 2, _SCENARIOS + [("s3-gpt2", 3, None, "gpt2")])[0]
     _check(results, refs)
     _check_counts(results["count"][1], num_blocks=2, local_batch=4, seq=16, hidden=32)
 
@@ -269,7 +282,7 @@ def _mesh(tp: int, axes=("dp", "tp")) -> Mesh:
      r"module 'wte' is a Embedding: style 'rowwise' splits nn.Linear"),
     (lambda: tiny_gpt(vocab_size=VOCAB), [(r"^wte$", "sideways")], 2, r"style must be one of .* got 'sideways'"),
     (lambda: tiny_gpt(vocab_size=VOCAB), "llama3", 2, r"unknown tensor-parallel preset 'llama3'"),
-])
+], ids=["split-dim", "heads", "kv-heads", "matches-nothing", "sections", "wrong-module", "style", "preset"])
 def test_bad_rules_raise_naming_the_leaf_and_the_numbers(build, rules, tp, message):
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
