@@ -354,3 +354,28 @@ def test_compiled_stage3_with_tp_matches_eager_without_graph_breaks():
     assert not breaks, breaks
     for k, v in eager.items():
         assert _rel(compiled[k], v) < 1e-10, k
+
+
+# --- the README's snippet -------------------------------------------------------------------------
+def _readme_world(rank, world, code):
+    model = tiny_llama(dtype=torch.float32)
+    unsplit = tiny_llama(dtype=torch.float32)
+    scope = {"model": model}
+    exec(compile(code, "README.md", "exec"), scope)
+    b = batches(1, vocab=VOCAB)[0]
+    state, metrics = scope["step"](scope["state"], b)
+    lo = rank // 2 * 4  # this dp rank's half of the batch of 8 (global rank = 2 dp + tp)
+    want = unsplit(input_ids=b[0][lo:lo + 4], labels=b[1][lo:lo + 4]).loss
+    return float(metrics["loss"]), int(state.step), scope["plan"].stage, float(want)
+
+
+@pytest.mark.slow
+def test_readme_tensor_parallel_snippet_runs_as_written():
+    from tests.test_readme import _snippets
+
+    (code,) = _snippets("Tensor parallelism")
+    results = run_world(_readme_world, 4, code)
+    dp_mean = sum(r[3] for r in results[::2]) / 2  # the step's loss: the mean over the dp ranks
+    for loss, steps, stage, _ in results:
+        assert steps == 1 and stage == 3
+        assert abs(loss - dp_mean) < 2e-2 * dp_mean  # bf16 compute against the fp32 unsplit model
