@@ -278,6 +278,9 @@ class Step:
         ops.nonfinite_(tensors, flag)
         flag.masked_fill_(~torch.isfinite(loss.to(flag.device)), 1.0)
         flag = all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
+        tp = self.binding.tp  # tp ranks hold different gradients: they skip together, or drift apart
+        if tp is not None:
+            flag = all_reduce(flag, tp.mesh, tp.axis, op="max", tag="metrics")
         return self.guard.apply(flag, step)
 
     def check_nonfinite(self) -> None:

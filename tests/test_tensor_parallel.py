@@ -228,6 +228,16 @@ def _tp2_world(rank, world, directory):
     fz.save_weights(made, plan, directory + "/gpt")
     model = fz.tensor_parallel(_meta("gpt"), mesh, rules="gpt")
     out["reloaded-gpt"] = fz.gather_params(fz.init(model, fz.optim.adamw(1e-2), plan, weights=directory + "/gpt"), plan)
+    # A non-finite loss on one tp rank only: every rank skips the step (else the tp ranks drift apart).
+    def poisoned(apply, b):
+        loss = lm_loss(apply, b)
+        return loss + float("nan") if mesh.rank("tp") == 1 else loss
+
+    step = fz.train_step(model, poisoned, fz.optim.adamw(1e-2), plan)
+    _, metrics = step(fz.init(model, fz.optim.adamw(1e-2), plan, seed=5), batches(1, vocab=VOCAB)[0])
+    skipped = [None, None]
+    torch.distributed.all_gather_object(skipped, bool(metrics["skipped"]))
+    out["skipped"] = skipped
     return out if rank == 0 else None
 
 
@@ -255,6 +265,7 @@ def test_tp_made_on_meta_written_whole_and_tied_heads(tmp_path):
     assert got["gpt-made"].keys() == got["reloaded-gpt"].keys()
     for k, v in got["gpt-made"].items():
         assert torch.equal(got["reloaded-gpt"][k], v), k
+    assert got["skipped"] == [True, True]
 
 
 def _reference_tied():
