@@ -83,6 +83,12 @@ def _model(kind: str):
         return tiny_gpt(dtype=torch.float64, fused=True, **GPT_KW)
     if kind == "gpt2":
         return tiny_gpt2()
+    if kind == "llama-patched":  # funzero.ops' RMSNorm, SwiGLU and rope inside the split model
+        from funzero import ops
+
+        model = tiny_llama()
+        ops.patch(model, kernels=("rmsnorm", "swiglu", "rope"))
+        return model
     return tiny_gpt(dtype=torch.float64, **GPT_KW) if kind == "gpt" else tiny_llama()
 
 
@@ -100,7 +106,7 @@ def _train(kind, mesh, stage, tx_name=None, count=False):
     first step's collective calls and elements when ``count``)."""
     model = _model(kind)
     gpt = kind in ("gpt", "gpt-fused")
-    fz.tensor_parallel(model, mesh, rules="gpt" if gpt else kind)
+    fz.tensor_parallel(model, mesh, rules="gpt" if gpt else kind.removesuffix("-patched"))
     plan = fz.zero(stage, mesh=mesh, axis="dp", groups=GROUPS if gpt else [r"(layers|h)\.(\d+)\."])
     tx = _tx(tx_name)
     state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
@@ -134,10 +140,13 @@ def _check(results, refs):
     """``refs``: the truth by the part of each scenario's name after its first dash (none: plain)."""
     for name, (got, _) in results.items():
         ref = refs[name.partition("-")[2] or "plain"]
+        # funzero.ops' kernels round some steps in fp32 even on fp64 inputs: two dp ranks' half
+        # batches then sum to ~5e-9 from one process (a sharding bug moves weights by 1e-2)
+        tol = 1e-7 if name.endswith("patched") else 1e-10
         assert got.keys() == ref.keys(), name
         for k in ref:
             assert got[k].shape == ref[k].shape, (name, k)
-            assert _rel(got[k], ref[k]) < 1e-10, (name, k, _rel(got[k], ref[k]))
+            assert _rel(got[k], ref[k]) < tol, (name, k, _rel(got[k], ref[k]))
 
 
 def _check_counts(counts, *, num_blocks, local_batch, seq, hidden):
@@ -163,8 +172,10 @@ def test_gpt_dp2_tp2_every_stage_and_clipping_equal_one_process():
 
 
 def test_llama_dp2_tp2_every_stage_and_clipping_equal_one_process():
-    refs = {"plain": _reference("llama"), "clip": _reference("llama", CLIP), "gpt2": _reference("gpt2")}
-    results = run_world(_world, 4, "llama", 2, 2, _SCENARIOS + [("s3-gpt2", 3, None, "gpt2")])[0]
+    refs = {"plain": _reference("llama"), "clip": _reference("llama", CLIP), "gpt2": _reference("gpt2"),
+            "patched": _reference("llama-patched")}
+    results = run_world(_world, 4, "llama", 2, 2, _SCENARIOS + [("s3-gpt2", 3, None, "gpt2"),
+                                                                ("s2-patched", 2, None, "llama-patched")])[0]
     _check(results, refs)
     _check_counts(results["count"][1], num_blocks=2, local_batch=4, seq=16, hidden=32)
 
