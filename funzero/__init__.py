@@ -28,6 +28,10 @@ from funzero._remat import remat, save_matmuls
 from funzero._deepspeed import Initialized, block_rules, initialize
 from funzero._weights import WeightSource, gather_weights, map_keys, open_weights, save_weights
 
+# tensor parallelism (issue 23)
+from funzero._tp import (TPLayout, TPRule, copy_to_tp, gpt2_rules, gpt_rules, llama_rules, reduce_from_tp,
+                         tensor_parallel, tp_layout)
+
 __all__ = [
     "ActivationEstimate",
     "Candidate",
@@ -85,5 +89,15 @@ __all__ = [
     "map_keys",
     "open_weights",
     "save_weights",
+    # tensor parallelism (issue 23)
+    "TPLayout",
+    "TPRule",
+    "copy_to_tp",
+    "gpt2_rules",
+    "gpt_rules",
+    "llama_rules",
+    "reduce_from_tp",
+    "tensor_parallel",
+    "tp_layout",
 ]
 

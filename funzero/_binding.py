@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from funzero._placement import Placement
 from funzero._plan import Plan, StateSpecs
 from funzero._precision import Precision
+from funzero._tp import tp_layout
 from shardspec import FlatLayout, assign_groups, build_layouts
 
 __all__ = ["Binding", "bind", "param_count"]
@@ -30,6 +33,7 @@ class Binding:
         num_shards / rank: of the data-parallel axis.
         precision / specs / stage: of the plan (``stage`` a label for messages and checkpoints).
         placement: the plan's placement resolved against the groups (it also owns the host update).
+        tp: the model's tensor-parallel split (``funzero._tp.TPLayout``), or None.
     """
 
     paths: tuple[str, ...]
@@ -42,6 +46,7 @@ class Binding:
     specs: StateSpecs
     stage: int
     placement: Placement
+    tp: Any = None
 
 
 def _common_prefix(paths: Sequence[str]) -> str:
@@ -85,7 +90,8 @@ def bind(model: nn.Module, plan: Plan, precision: Precision, *, training: bool =
         shard_align=plan.shard_align,
     )
     owners = {g: _common_prefix([a for p in lay.paths for a in aliases[p]]) for g, lay in layouts.items()}
-    return from_layouts(plan, layouts, precision, paths=paths, aliases=aliases, owners=owners, training=training)
+    b = from_layouts(plan, layouts, precision, paths=paths, aliases=aliases, owners=owners, training=training)
+    return dataclasses.replace(b, tp=tp_layout(model))
 
 
 def from_layouts(plan: Plan, layouts: Mapping[str, FlatLayout], precision: Precision, *, paths=(), aliases=None,

@@ -75,6 +75,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
+from funzero._tp import refuse_checkpoint
 from funzero._plan import Plan
 from funzero._state import TrainState
 from shardspec import is_sharded
@@ -515,6 +516,7 @@ def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2, 
             and the previous checkpoint stays the latest.
     """
     state.check_alive("save_state")
+    refuse_checkpoint(state.binding, "save_state")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep=}")
     wait_saves()
@@ -887,6 +889,7 @@ def load_state(state: TrainState, plan: Plan, directory: str, *, strict: bool = 
             a piece whose checksum, range or file does not match what the index recorded.
     """
     wait_saves()
+    refuse_checkpoint(state.binding, "load_state")
     state.binding.placement.sync()  # a host update still running would overwrite what is loaded
     _, rank, group = _world(plan)
     error, reads, sinks, skipped, path = None, [], {}, [], None

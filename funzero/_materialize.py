@@ -33,8 +33,12 @@ def module_init(model: nn.Module, init_fn: Callable[[nn.Module], Any] | None = N
     followed by the model's ``_init_weights(module)`` (Hugging Face models and
     ``funzero.models.GPT`` have one), either where it exists. A module with parameters and
     neither is an error at the time it needs initialising."""
-    if init_fn is not None:
-        return init_fn
+    from funzero._tp import full_shape_init
+
+    return full_shape_init(model, init_fn if init_fn is not None else _own_init(model))
+
+
+def _own_init(model: nn.Module) -> Callable[[nn.Module], None]:
     own = getattr(model, "_init_weights", None)
     own = own if callable(own) else None
 
@@ -176,7 +180,9 @@ class Filler:
         if path in self.overrides:
             return self.overrides[path].detach().reshape(-1)[a:z]
         if self.weights is not None:
-            return self.weights.read(self.key_map[path], a, z)
+            from funzero._tp import read_local
+
+            return read_local(self.b.tp, self.weights, self.key_map[path], path, a, z)
         if path in made:
             return made[path].detach().reshape(-1)[a:z]
         return self.named[path].detach().reshape(-1)[a:z]

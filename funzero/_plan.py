@@ -50,6 +50,10 @@ class StateSpecs:
         if is_sharded(self.params) and not is_sharded(self.opt_state):
             raise ValueError(f"sharded params={self.params} need a sharded opt_state (got {self.opt_state}): "
                              "the update reads the master of the shard a rank holds")
+        for name in ("params", "grads", "opt_state"):
+            spec = getattr(self, name)
+            if is_sharded(spec) and (spec.dim != 0 or spec.sections):
+                raise ValueError(f"{name}={spec!r}: flat group buffers have one dimension; their specs split dim 0")
         axes = {s.axis for s in (self.params, self.grads, self.opt_state)}
         if len(axes) != 1:
             raise ValueError(f"specs name axes {sorted(axes)}; one data-parallel axis is supported")

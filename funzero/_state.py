@@ -341,7 +341,8 @@ def _open_weights(weights, model: nn.Module, binding: Binding):
 
     source = open_weights(weights)
     try:
-        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        tp = binding.tp  # a tensor-parallel split reads its slices of the whole tensors
+        shapes = {n: tuple(tp.shapes.get(n, p.shape) if tp is not None else p.shape) for n, p in model.named_parameters()}
         buffers = [n for n, _ in model.named_buffers()]
         key_map = map_keys(source, shapes, binding.aliases, skip=buffers)
     except BaseException:

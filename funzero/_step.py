@@ -35,6 +35,7 @@ from funzero._group import GroupComm, GroupHooks, Run, forward_regathered, group
 from funzero._nonfinite import Guard, NonFinitePolicy, carry_loss
 from funzero._plan import Plan
 from funzero._state import TrainState, binding_of
+from funzero._tp import tp_info
 from funzero._update import UpdateJob, gather_into, groupwise, pipelined, update
 from funzero.optim import GradientTransformation, ShardInfo
 from funzero.optim._base import gradient_tensors
@@ -151,6 +152,7 @@ class Step:
             b.layouts, b.rank,
             sharded=is_sharded(p.specs.opt_state) and p.num_shards > 1,
             psum=lambda x: all_reduce(x.to(b.placement.compute), p.mesh, p.axis, op="sum", tag="norm").to(x.device),
+            **tp_info(b.tp, b.placement.compute),
         )
         self.forward_order = {g: i for i, g in enumerate(b.layouts)}
         if self.hooks is not None:
@@ -276,6 +278,9 @@ class Step:
         ops.nonfinite_(tensors, flag)
         flag.masked_fill_(~torch.isfinite(loss.to(flag.device)), 1.0)
         flag = all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
+        tp = self.binding.tp  # tp ranks hold different gradients: they skip together, or drift apart
+        if tp is not None:
+            flag = all_reduce(flag, tp.mesh, tp.axis, op="max", tag="metrics")
         return self.guard.apply(flag, step)
 
     def check_nonfinite(self) -> None:

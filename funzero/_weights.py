@@ -447,7 +447,7 @@ def gather_weights(state: TrainState, plan: Plan | None = None, *, to_rank: int 
 def _copy_leaves(b, g: str, full: torch.Tensor, dtype, names: str, out: dict) -> None:
     # A function of its own, so that no view of ``full`` outlives it.
     for path, v in b.layouts[g].unpack(full).items():
-        t = v.to(dtype or v.dtype, copy=True)
+        t = _whole(b, path, v).to(dtype or v.dtype, copy=True)
         for name in (b.aliases.get(path, (path,)) if names == "state_dict" else (path,)):
             out[name] = t
 
@@ -567,12 +567,20 @@ class _ShardWriter:
                 os.remove(tmp)
 
 
-def _write_leaves(writer: _ShardWriter, b, g: str, full: torch.Tensor, dtype: torch.dtype, tied: str) -> None:
+def _whole(b, path: str, v: torch.Tensor) -> torch.Tensor:
+    """Leaf ``path``'s whole tensor from this rank's ``v``: gathered over the tensor-parallel axis
+    where the model is split there (a collective of that axis), else ``v``."""
+    return v if b.tp is None else b.tp.full(path, v)
+
+
+def _write_leaves(writer: _ShardWriter | None, b, g: str, full: torch.Tensor, dtype: torch.dtype, tied: str) -> None:
     # A function of its own, so that no view of ``full`` outlives it; one leaf is cast at a time.
+    # ``writer`` None: a tensor-parallel peer of the writer, which takes part in the gathers only.
     for path, v in b.layouts[g].unpack(full).items():
-        t = v.to(dtype)
+        t = _whole(b, path, v).to(dtype)
         for name in (b.aliases.get(path, (path,)) if tied == "all" else (path,)):
-            writer.write(name, t)
+            if writer is not None:
+                writer.write(name, t)
         del t
 
 
@@ -626,26 +634,30 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
     size = torch.empty((), dtype=out_dtype).element_size()
     group = plan.mesh.group(plan.axis)
     rank = b.rank
+    writes = rank == 0 and (b.tp is None or b.tp.rank == 0)  # tensor parallelism: one writer of all
+    if b.tp is not None and plan.mesh.size() > 1:
+        group = dist.group.WORLD  # every rank votes: tp peers gather, one rank writes
+    shape_of = (lambda s: s.shape) if b.tp is None else (lambda s: b.tp.shapes.get(s.path, s.shape))
     error: BaseException | None = None
     writer = None
     try:
-        items = [(name, s.shape, s.numel * size) for lay in b.layouts.values() for s in lay.slots
+        items = [(name, shape_of(s), math.prod(shape_of(s)) * size) for lay in b.layouts.values() for s in lay.slots
                  for name in (b.aliases.get(s.path, (s.path,)) if tied == "all" else (s.path,))]
-        if rank == 0:
+        if writes:
             os.makedirs(directory, exist_ok=True)
             writer = _ShardWriter(directory, _plan_files(items, max_bytes), out_dtype)
     except Exception as e:  # noqa: BLE001 - every rank still takes part in every gather
         error = e
     # Every rank takes part in every gather, whatever failed where, so none waits forever.
     for g, full in _groups(state, plan, to_rank=0):
-        if full is not None and error is None:
+        if full is not None and (error is None or b.tp is not None):  # tp peers gather whatever failed
             try:
-                _write_leaves(writer, b, g, full, out_dtype, tied)
+                _write_leaves(writer if error is None else None, b, g, full, out_dtype, tied)
             except Exception as e:  # noqa: BLE001
                 error = e
         del full  # before the next group is gathered
     written: list[str] = []
-    if rank == 0 and error is None:
+    if writes and error is None:
         try:
             written = writer.finish()
             if config is not None:

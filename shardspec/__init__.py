@@ -9,6 +9,10 @@ from shardspec._rules import GroupRule, assign_groups
 from shardspec._spec import Replicate, Shard, Spec, held_numel, is_sharded
 from shardspec._tree import leaf_paths, path_str
 
+# tensor parallelism (issue 23): leaves split along any dim, section by section
+from shardspec._rules import first_match
+from shardspec._spec import check_split, join_shards, local_shape, shard_of
+
 __all__ = [
     "FlatLayout",
     "GroupRule",
@@ -23,4 +27,10 @@ __all__ = [
     "is_sharded",
     "leaf_paths",
     "path_str",
+    # tensor parallelism (issue 23)
+    "check_split",
+    "first_match",
+    "join_shards",
+    "local_shape",
+    "shard_of",
 ]

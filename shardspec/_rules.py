@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["GroupRule", "assign_groups"]
+__all__ = ["GroupRule", "assign_groups", "first_match"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +129,34 @@ def assign_groups(
                 "has not already claimed)"
             )
     return groups
+
+
+def first_match(paths: Iterable[str], patterns: Sequence[str], *, what: str = "rule") -> dict[str, int]:
+    """``{path: index of the first pattern that matches it}`` (``re.search``); unmatched paths
+    are left out.
+
+    Raises:
+        ValueError: a pattern is not a regex, or matches no path (none that an earlier pattern
+            has not already claimed), naming it.
+
+    Example:
+        >>> first_match(["h.0.q", "h.0.o"], [r"\\.q$", r"\\.(q|o)$"])
+        {'h.0.q': 0, 'h.0.o': 1}
+    """
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"{what} {p!r} is not a valid regex: {e}") from None
+    out: dict[str, int] = {}
+    for path in paths:
+        for i, rx in enumerate(compiled):
+            if rx.search(path):
+                out[path] = i
+                break
+    unused = sorted(set(range(len(compiled))) - set(out.values()))
+    if unused:
+        raise ValueError(f"{what} {patterns[unused[0]]!r} matches nothing (no path that an earlier {what} has not "
+                         "already claimed)")
+    return out

@@ -113,15 +113,16 @@ class CausalSelfAttention(nn.Module):
         self.bias_outside = cfg.uses("resnorm") and cfg.bias  # c_proj's bias joins the residual (Block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         if self.fused:  # the same values; its backward assembles the q/k/v gradients in one pass
             q, k, v = _ops().linear_qkv(x, self.c_attn.weight, self.c_attn.bias, self.n_head)
         else:
-            q, k, v = self.c_attn(x).split(C, dim=2)
+            width = self.c_attn.weight.shape[0] // 3  # C, or this rank's heads' share under tensor parallelism
+            q, k, v = self.c_attn(x).split(width, dim=2)
             # (B, nh, T, hs)
-            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+            q, k, v = (t.view(B, T, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
         return F.linear(y, self.c_proj.weight) if self.bias_outside else self.c_proj(y)
 
 
@@ -168,6 +169,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2. ``forward(idx)`` gives logits (B, T, V); ``forward(idx, targets)`` the mean loss."""
 
+    # ``loss_function(logits (B*T, V), targets (B*T,))`` in place of the cross-entropy below, when
+    # set (funzero.tensor_parallel sets the vocab-parallel one: the logits are a vocabulary slice).
+    loss_function = None
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -210,6 +215,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
+        if self.loss_function is not None:
+            return self.loss_function(logits.view(B * T, -1), targets.reshape(-1))
         if self.cfg.uses("ce"):
             # ce-inplace: the logits are a temporary nothing else reads, so their gradient may
             # overwrite them (saves one (B*T, V) buffer).

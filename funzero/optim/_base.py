@@ -90,12 +90,19 @@ class ShardInfo:
         rank: which shard of each layout this rank holds (0 when not sharded).
         sharded: whether the trees hold shards (True) or full buffers (False).
         psum: sums a tensor over the ranks that hold the other shards (identity if not sharded).
+        tp_split: leaf paths split over a tensor-parallel axis (each tp rank holds a slice).
+        tp_psum: sums a tensor over that axis (a split leaf's statistics are summed there too,
+            a replicated leaf's are not).
+        tp_size: ranks of that axis (a split leaf has ``tp_size`` times the elements a rank sees).
     """
 
     layouts: Mapping[str, FlatLayout]
     rank: int = 0
     sharded: bool = False
     psum: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    tp_split: frozenset = frozenset()
+    tp_psum: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    tp_size: int = 1
 
     def segments(self, group: str) -> list[tuple[str, int, int]]:
         """``(leaf path, start, stop)`` of each leaf piece inside this rank's buffer of ``group``."""

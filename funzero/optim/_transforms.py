@@ -190,12 +190,17 @@ def _runs(info: ShardInfo | None, name: str, numel: int, keep: Callable[[str], b
 
 
 def _leafwise_psum(sums: torch.Tensor, keys: Sequence[tuple[str, str]], info: ShardInfo) -> torch.Tensor:
-    """Sum per-leaf partial sums over shards: scatter to a per-leaf table, psum, gather back."""
+    """Sum per-leaf partial sums over shards: scatter to a per-leaf table, psum, gather back. The
+    rows of leaves split over a tensor-parallel axis are summed over it as well."""
     slots = {(g, path): j for j, (g, path) in enumerate((g, s.path) for g, lay in info.layouts.items() for s in lay.slots)}
     table = torch.zeros(len(slots), *sums.shape[1:], dtype=sums.dtype, device=sums.device)
     index = torch.tensor([slots[k] for k in keys], device=sums.device, dtype=torch.long)
     table = table.index_add(0, index, sums)
-    table = info.psum(table)
+    if info.sharded:
+        table = info.psum(table)
+    if info.tp_split:
+        split = torch.tensor([path in info.tp_split for _, path in slots], device=sums.device)
+        table = torch.where(split.view(-1, *[1] * (table.dim() - 1)), info.tp_psum(table), table)
     return table[index]
 
 
@@ -208,7 +213,7 @@ def _leaf_sums(pc, info: ShardInfo | None, stat: Callable[[int, int, int], torch
             rows.append(stat(i, a, b))
             keys.append((name, path))
     sums = torch.stack(rows) if rows else torch.zeros(0, width)
-    if info is not None and info.sharded and rows:
+    if info is not None and (info.sharded or info.tp_split) and rows:
         sums = _leafwise_psum(sums, keys, info)
     return sums
 
@@ -218,7 +223,8 @@ def _leaf_numels(pc, info: ShardInfo | None) -> list[int]:
     if info is None:
         return [x.numel() for x in pc.leaves]
     slots = model_leaves(info)
-    return [slots[path].numel for segs in pc.segments for path, _, _ in segs]
+    return [slots[path].numel * (info.tp_size if path in info.tp_split else 1) for segs in pc.segments
+            for path, _, _ in segs]
 
 
 def _per_segment(pc, info: ShardInfo | None, factors: torch.Tensor, op) -> list[torch.Tensor]:
@@ -453,7 +459,11 @@ multi_transform = partition
 def global_norm(tree, info: ShardInfo | None = None) -> torch.Tensor:
     """L2 norm over every element of the tree (fp32), summed across shards when sharded.
 
-    A value may be :class:`LeafGrads` (a group's gradient as separate leaves)."""
+    A value may be :class:`LeafGrads` (a group's gradient as separate leaves). Under tensor
+    parallelism (``info.tp_split``) the leaves split over tp are summed over it too, the
+    replicated ones counted once."""
+    if info is not None and info.tp_split:
+        return _tp_global_norm(tree, info)
     leaves = gradient_tensors(tree)
     if leaves:
         # One multi-tensor pass that reads each gradient once and accumulates in fp32 (fp64 for
@@ -465,6 +475,30 @@ def global_norm(tree, info: ShardInfo | None = None) -> torch.Tensor:
     if info is not None and info.sharded:
         total = info.psum(total)
     return total.sqrt()
+
+
+def _tp_global_norm(tree, info: ShardInfo) -> torch.Tensor:
+    """:func:`global_norm` of ``{group: buffer or LeafGrads}`` with some leaves split over a
+    tensor-parallel axis: two partial square sums (split, replicated), both summed over the
+    shards, the split one over tp as well."""
+    split = info.tp_split
+    parts: tuple[list, list] = ([], [])  # squares of the split leaves, of the rest
+    for name, g in tree.items():
+        if isinstance(g, LeafGrads):
+            for path, t in zip(g.paths, g.grads):
+                parts[path not in split].append(t.reshape(-1))
+            continue
+        flat = g.reshape(-1)
+        for i, keep in enumerate((lambda p: p in split, lambda p: p not in split)):
+            parts[i].extend(flat[a:b] for a, b in _runs(info, name, flat.numel(), keep))
+    tensors = parts[0] + parts[1]
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    device = tensors[0].device if tensors else None
+    sums = torch.stack([torch.stack(torch._foreach_norm(p, 2, dtype=acc)).square().sum() if p
+                        else torch.zeros((), dtype=acc, device=device) for p in parts])
+    if info.sharded:
+        sums = info.psum(sums)
+    return (info.tp_psum(sums[0]) + sums[1]).sqrt()
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
