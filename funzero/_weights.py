@@ -624,8 +624,8 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
     if out_dtype not in _ST_NAMES:
         raise ValueError(f"dtype {out_dtype} cannot be stored in safetensors")
     size = torch.empty((), dtype=out_dtype).element_size()
-    group = plan.mesh.group(plan.axis)
-    rank = b.rank
+    group = plan.mesh.group_over(plan.data_axes)
+    rank = plan.data_rank  # one writer; every replica's shard group still gathers to its rank 0
     error: BaseException | None = None
     writer = None
     try:
@@ -638,7 +638,7 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
         error = e
     # Every rank takes part in every gather, whatever failed where, so none waits forever.
     for g, full in _groups(state, plan, to_rank=0):
-        if full is not None and error is None:
+        if full is not None and rank == 0 and error is None:
             try:
                 _write_leaves(writer, b, g, full, out_dtype, tied)
             except Exception as e:  # noqa: BLE001
