@@ -30,10 +30,11 @@ class Binding:
         layouts: ``{group: FlatLayout}`` in the parameter dtype.
         owners: ``{group: module path}``: the smallest module containing all the group's leaves
             (where the group's parameters are handed to compute, just in time).
-        num_shards / rank: of the data-parallel axis.
+        num_shards / rank: of the data-parallel axis shards are split over.
         precision / specs / stage: of the plan (``stage`` a label for messages and checkpoints).
         placement: the plan's placement resolved against the groups (it also owns the host update).
         tp: the model's tensor-parallel split (``funzero._tp.TPLayout``), or None.
+        num_replicas: copies of each shard, over the axes the specs replicate over (1: plain ZeRO).
     """
 
     paths: tuple[str, ...]
@@ -47,6 +48,7 @@ class Binding:
     stage: int
     placement: Placement
     tp: Any = None
+    num_replicas: int = 1
 
 
 def _common_prefix(paths: Sequence[str]) -> str:
@@ -100,7 +102,7 @@ def from_layouts(plan: Plan, layouts: Mapping[str, FlatLayout], precision: Preci
     a model it has only a parameter count of)."""
     placement = Placement(plan.placement, plan.mesh.device, rank=plan.rank, layouts=layouts, training=training)
     return Binding(tuple(paths), dict(aliases or {}), dict(layouts), dict(owners or {g: "" for g in layouts}),
-                   plan.num_shards, plan.rank, precision, plan.specs, plan.stage, placement)
+                   plan.num_shards, plan.rank, precision, plan.specs, plan.stage, placement, plan.num_replicas)
 
 
 def param_count(model: nn.Module) -> int:

@@ -21,7 +21,9 @@ stage loads it by asking, leaf by leaf, for the chunks that overlap what it hold
 
 Each rank writes the part of every buffer that its shard range covers, whether the buffer is a
 shard or replicated (stages 0-2 keep full parameters: each rank writes a different slice, so
-the I/O is spread evenly). Small tensors are written by rank 0.
+the I/O is spread evenly). Small tensors are written by rank 0. Under hierarchical sharding the
+ranks of the first replica write and the other replicas, which hold the same shards, write
+nothing; on load every rank reads what it holds, whatever wrote it.
 
 Integrity (nothing is ever silently wrong):
 
@@ -199,8 +201,9 @@ def _tensors(tree) -> list[tuple[tuple, torch.Tensor]]:
     return [(p, x) for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor)]
 
 
-def _leaves(state: TrainState, rank: int) -> list[_Leaf]:
-    """Every tensor of the checkpoint with where this rank's state holds it."""
+def _leaves(state: TrainState, rank: int, writes: bool = True) -> list[_Leaf]:
+    """Every tensor of the checkpoint with where this rank's state holds it (``rank``: on the
+    shard axis) and what it writes (nothing unless ``writes``: a replica's copy)."""
     b = state.binding
     out = []
     for part in _PARTS:
@@ -214,11 +217,11 @@ def _leaves(state: TrainState, rank: int) -> list[_Leaf]:
                 nest = (part, ".".join(names)) if names else (part,)
                 n = t.numel()
                 out.append(_Leaf(".".join(nest), nest, tuple(t.shape), t.dtype, t, None, (0, n),
-                                 (0, n) if rank == 0 else (0, 0), 0))
+                                 (0, n) if rank == 0 and writes else (0, 0), 0))
                 continue
             lay = b.layouts[g]
             lo, hi = _held_range(t, lay, rank)
-            wlo, whi = lay.shard_range(rank)
+            wlo, whi = lay.shard_range(rank) if writes else (0, 0)
             prefix = ".".join(names[:-1])
             for s in lay.slots:
                 nest = (part, prefix, s.path) if prefix else (part, s.path)
@@ -290,14 +293,15 @@ def _set(tree: dict, nest: tuple[str, ...], value) -> None:
     tree[nest[-1]] = value
 
 
-def _stage(leaves: list[_Leaf], rank: int) -> tuple[dict, dict]:
+def _stage(leaves: list[_Leaf], first: bool) -> tuple[dict, dict]:
     """Host copies of the chunks this rank writes (a nested DCP state dict of :class:`_Pieces`),
-    and their records for the index (with each chunk's crc32)."""
+    and their records for the index (with each chunk's crc32); ``first``: the rank that writes
+    the empty leaves."""
     sd: dict = {}
     records: dict = {}
     for leaf in leaves:
         a, z = leaf.write
-        empty = leaf.numel == 0 and rank == 0
+        empty = leaf.numel == 0 and first
         if z <= a and not empty:
             continue
         flat = leaf.buffer.detach().reshape(-1)
@@ -318,7 +322,9 @@ def _stage(leaves: list[_Leaf], rank: int) -> tuple[dict, dict]:
 
 
 def _world(plan: Plan):
-    return plan.num_shards, plan.rank, plan.mesh.group(plan.axis)
+    """``(rank on the shard axis, rank in the data-parallel world, its group)``: a save or load is
+    a collective over every data-parallel rank, replicas included."""
+    return plan.rank, plan.data_rank, plan.mesh.group_over(plan.data_axes)
 
 
 def _describe(e: BaseException) -> str:
@@ -521,12 +527,12 @@ def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2, 
         raise ValueError(f"keep must be an int >= 1, got {keep=}")
     wait_saves()
     state.binding.placement.sync()  # a delayed host update still running would be saved half-done
-    _, rank, group = _world(plan)
+    rank, world_rank, group = _world(plan)
     b = state.binding
     error, staged = None, None
     try:
         _check_replicated(state)
-        staged = _stage(_leaves(state, rank), rank)
+        staged = _stage(_leaves(state, rank, writes=plan.replica == 0), world_rank == 0)
         os.makedirs(directory, exist_ok=True)
     except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
         error = e
@@ -535,11 +541,12 @@ def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2, 
     _check_votes(votes, error, "checkpoint save", RuntimeError, "; the previous checkpoint is intact")
     meta = dict(
         format=FORMAT, version=VERSION, step=int(state.step), stage=b.stage, num_shards=b.num_shards,
+        num_replicas=b.num_replicas,
         param_dtype=str(b.precision.param_dtype).removeprefix("torch."),
         groups={g: dict(numel=lay.numel, leaves=list(lay.paths)) for g, lay in b.layouts.items()},
         aliases={p: list(names) for p, names in b.aliases.items()},
     )
-    job = _Job(staged[0], staged[1], meta, directory, votes[0][1], keep, rank, group)
+    job = _Job(staged[0], staged[1], meta, directory, votes[0][1], keep, world_rank, group)
     del staged
     if not async_save:
         job.run()
@@ -891,7 +898,7 @@ def load_state(state: TrainState, plan: Plan, directory: str, *, strict: bool = 
     wait_saves()
     refuse_checkpoint(state.binding, "load_state")
     state.binding.placement.sync()  # a host update still running would overwrite what is loaded
-    _, rank, group = _world(plan)
+    rank, _, group = _world(plan)
     error, reads, sinks, skipped, path = None, [], {}, [], None
     try:
         path = latest_step(directory)

@@ -11,6 +11,9 @@ reduce-scatter plus an all-gather), which is the accounting of the ZeRO paper (s
 0-2 move 2Psi per step, stage 3 moves 3Psi. Counting happens when the Python call runs, i.e.
 eagerly or while ``torch.compile`` traces, not on every replay of a compiled graph.
 
+``axis`` is one mesh axis, or a tuple of axes taken as one group (their ranks flattened:
+``Mesh.group_over``); the empty tuple is no communication at all.
+
 A collective that some rank never joins ends, after the group's timeout (``FUNZERO_TIMEOUT_S``
 where ``shardspec.Mesh.from_env`` starts the process group), in :class:`CollectiveTimeout`,
 naming the collective, its tag, the mesh axis and the group's ranks (eager calls that wait, as
@@ -21,6 +24,7 @@ the graph).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -51,6 +55,8 @@ _reduce_scatter_single = getattr(fc, "reduce_scatter_single", None) or fc.reduce
 class CommCounter:
     """Logical elements and bytes moved per rank, and calls, by ``(op, tag)``.
 
+    ``by_axis`` keeps the same three counts by ``(op, tag, axis)`` (``axis`` as the collective
+    was given it: a name or a tuple of names), for :meth:`total`'s ``axis=``.
     ``on_call(op, tag, tensor)``, when given, is also told of each call as it is issued, with the
     tensor passed to the collective (its order among other events of a step is observable).
     """
@@ -59,21 +65,28 @@ class CommCounter:
     bytes: Counter = field(default_factory=Counter)
     calls: Counter = field(default_factory=Counter)
     on_call: Callable[[str, str, torch.Tensor], None] | None = None
+    by_axis: dict = field(default_factory=lambda: {"elements": Counter(), "bytes": Counter(), "calls": Counter()})
 
-    def record(self, op: str, tag: str, numel: int, itemsize: int, tensor: torch.Tensor | None = None) -> None:
-        self.elements[(op, tag)] += numel
-        self.bytes[(op, tag)] += numel * itemsize
-        self.calls[(op, tag)] += 1
+    def record(self, op: str, tag: str, numel: int, itemsize: int, tensor: torch.Tensor | None = None,
+               axis: str | tuple[str, ...] | None = None) -> None:
+        for what, v in (("elements", numel), ("bytes", numel * itemsize), ("calls", 1)):
+            getattr(self, what)[(op, tag)] += v
+            self.by_axis[what][(op, tag, axis)] += v
         if self.on_call is not None:
             self.on_call(op, tag, tensor)
 
-    def total(self, *, op: str | None = None, tag: str | None = None, what: str = "elements") -> int:
-        """Sum over records matching ``op`` and ``tag`` (None matches all)."""
+    def total(self, *, op: str | None = None, tag: str | None = None, what: str = "elements",
+              axis: str | tuple[str, ...] | None = None) -> int:
+        """Sum over records matching ``op``, ``tag`` and ``axis`` (None matches all)."""
+        if axis is not None:
+            return sum(v for (o, t, a), v in self.by_axis[what].items()
+                       if (op is None or o == op) and (tag is None or t == tag) and a == axis)
         c = getattr(self, what)
         return sum(v for (o, t), v in c.items() if (op is None or o == op) and (tag is None or t == tag))
 
-    def num_calls(self, *, op: str | None = None, tag: str | None = None) -> int:
-        return self.total(op=op, tag=tag, what="calls")
+    def num_calls(self, *, op: str | None = None, tag: str | None = None,
+                  axis: str | tuple[str, ...] | None = None) -> int:
+        return self.total(op=op, tag=tag, what="calls", axis=axis)
 
 
 _COUNTERS: list[CommCounter] = []
@@ -99,11 +112,18 @@ def count_comm(on_call: Callable[[str, str, torch.Tensor], None] | None = None) 
         _COUNTERS.remove(c)
 
 
-def _record(op: str, tag: str, numel: int, itemsize: int, tensor: torch.Tensor) -> None:
+def _record(op: str, tag: str, numel: int, itemsize: int, tensor: torch.Tensor, axis=None) -> None:
     if torch.compiler.is_compiling():
         return
     for c in _COUNTERS:
-        c.record(op, tag, numel, itemsize, tensor)
+        c.record(op, tag, numel, itemsize, tensor, axis)
+
+
+def _group_of(mesh: Mesh, axis: str | tuple[str, ...]) -> tuple["dist.ProcessGroup | None", int]:
+    """``(process group, ranks)`` of one axis, or of a tuple of axes taken as one."""
+    if isinstance(axis, str):
+        return mesh.group(axis), mesh.size(axis)
+    return mesh.group_over(axis), math.prod(mesh.size(a) for a in axis)
 
 
 # torch 2.13 renamed these too; the old names warn there.
@@ -164,21 +184,21 @@ def _op(op: str, group) -> tuple["dist.ReduceOp", bool]:
 
 
 def all_gather(
-    shard: torch.Tensor, mesh: Mesh, axis: str = "dp", *, tag: str = "param", out: torch.Tensor | None = None
+    shard: torch.Tensor, mesh: Mesh, axis: str | tuple[str, ...] = "dp", *, tag: str = "param",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Concatenate every rank's 1-D ``shard`` along dim 0 (rank order).
 
     ``out`` (eager only) receives the result; ``shard`` may be this rank's slice of ``out``
     (an in-place gather, as after a stage-1/2 update).
     """
-    group = mesh.group(axis)
+    group, n = _group_of(mesh, axis)
     if group is None:
         if out is not None and out.data_ptr() != shard.data_ptr():
             out.copy_(shard)
             return out
         return shard
-    n = mesh.size(axis)
-    _record("all_gather", tag, shard.numel() * n, shard.element_size(), shard)
+    _record("all_gather", tag, shard.numel() * n, shard.element_size(), shard, axis)
     if _eager():
         if out is None:
             out = torch.empty(shard.numel() * n, dtype=shard.dtype, device=shard.device)
@@ -193,16 +213,15 @@ def all_gather(
 
 
 def reduce_scatter(
-    full: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg", tag: str = "grad"
+    full: torch.Tensor, mesh: Mesh, axis: str | tuple[str, ...] = "dp", *, op: str = "avg", tag: str = "grad"
 ) -> torch.Tensor:
     """Reduce ``full`` (1-D, divisible by the axis size) over ranks; return this rank's slice."""
-    group = mesh.group(axis)
+    group, n = _group_of(mesh, axis)
     if group is None:
         return full
-    n = mesh.size(axis)
     if full.numel() % n:
         raise ValueError(f"reduce_scatter of {full.numel()} elements over {n} ranks: not divisible")
-    _record("reduce_scatter", tag, full.numel(), full.element_size(), full)
+    _record("reduce_scatter", tag, full.numel(), full.element_size(), full, axis)
     if _eager():
         out = torch.empty(full.numel() // n, dtype=full.dtype, device=full.device)
         rop, divide = _op(op, group)
@@ -212,27 +231,29 @@ def reduce_scatter(
     return fc.wait_tensor(_reduce_scatter_single(full.contiguous(), op, 0, group))
 
 
-def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, op: str = "avg", tag: str = "grad") -> torch.Tensor:
+def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str | tuple[str, ...] = "dp", *, op: str = "avg",
+               tag: str = "grad") -> torch.Tensor:
     """Reduce ``x`` over the ranks of ``axis``; every rank gets the result (a new tensor)."""
-    group = mesh.group(axis)
+    group, n = _group_of(mesh, axis)
     if group is None:
         return x
-    _record("all_reduce", tag, 2 * x.numel(), x.element_size(), x)
+    _record("all_reduce", tag, 2 * x.numel(), x.element_size(), x, axis)
     if _eager():
         out = x.detach().clone().contiguous()
         rop, divide = _op(op, group)
         with _named("all_reduce", tag, group, axis):
             dist.all_reduce(out, op=rop, group=group)
-        return out.div_(mesh.size(axis)) if divide else out
+        return out.div_(n) if divide else out
     return fc.wait_tensor(fc.all_reduce(x.contiguous(), op, group))
 
 
-def broadcast(x: torch.Tensor, mesh: Mesh, axis: str = "dp", *, src: int = 0, tag: str = "init") -> torch.Tensor:
+def broadcast(x: torch.Tensor, mesh: Mesh, axis: str | tuple[str, ...] = "dp", *, src: int = 0,
+              tag: str = "init") -> torch.Tensor:
     """Rank ``src`` of ``axis``'s ``x`` on every rank of it, in place (eager only: for ``init``)."""
-    group = mesh.group(axis)
+    group, _ = _group_of(mesh, axis)
     if group is None:
         return x
-    _record("broadcast", tag, x.numel(), x.element_size(), x)
+    _record("broadcast", tag, x.numel(), x.element_size(), x, axis)
     x = x.contiguous()
     with _named("broadcast", tag, group, axis):
         dist.broadcast(x, src=dist.get_global_rank(group, src), group=group)

@@ -10,7 +10,8 @@ a forward hook takes them back::
 What the gather and the reduce are follows from the plan's :class:`~funzero._plan.StateSpecs`
 (:class:`GroupComm`): a sharded params spec all-gathers (and gathers again in backward instead
 of keeping the buffer alive, eager and compiled); a replicated one is the identity. A grads spec of
-``Shard`` reduce-scatters, ``Replicate`` all-reduces; with ``reduce="step"`` backward reduces
+``Shard`` reduce-scatters, ``Replicate`` all-reduces; the axes the specs replicate over
+(hierarchical sharding) all-reduce what that leaves; with ``reduce="step"`` backward reduces
 nothing and the step does, once per optimizer step. On an axis of one rank every collective is
 the identity. No code here knows a stage number.
 
@@ -68,6 +69,7 @@ Design note (the footguns this module guards):
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -86,7 +88,8 @@ __all__ = ["GatherTracker", "GroupComm", "GroupHooks", "GroupOp", "Run", "forwar
 # --- what a group's gather and reduce are, from the specs ---------------------------------------
 @dataclass(frozen=True)
 class GroupComm:
-    """How a group's buffer crosses the data-parallel axis, read off the plan's specs."""
+    """How a group's buffer crosses the data-parallel axes, read off the plan's specs: gathered
+    over the shard axis, its gradient averaged over every data-parallel rank."""
 
     mesh: Mesh
     specs: object  # StateSpecs
@@ -101,12 +104,17 @@ class GroupComm:
     def num_shards(self) -> int:
         return self.mesh.size(self.axis)
 
+    @property
+    def num_ranks(self) -> int:
+        """Data-parallel ranks a gradient is averaged over (shards x replicas)."""
+        return math.prod(self.mesh.size(a) for a in self.specs.data_axes)
+
     def gathers(self, offloaded_params: bool) -> bool:
         """Whether forward gathers: shards on other ranks, or shards on the host to bring in."""
         return is_sharded(self.specs.params) and (self.num_shards > 1 or offloaded_params)
 
     def reduces_in_backward(self) -> bool:
-        return self.specs.reduce == "backward" and self.num_shards > 1
+        return self.specs.reduce == "backward" and self.num_ranks > 1
 
     def fetch(self, src: torch.Tensor) -> torch.Tensor:
         """This rank's shard on the compute device (a host-to-device copy if offloaded)."""
@@ -119,10 +127,12 @@ class GroupComm:
         return src.view_as(src)
 
     def reduce(self, grad: torch.Tensor) -> torch.Tensor:
-        """A group's full gradient reduced to the grads spec, in the reduce dtype."""
+        """A group's full gradient reduced to the grads spec, in the reduce dtype: reduce-scattered
+        over the shard axis if the spec shards it, all-reduced over the axes it replicates."""
         x = grad if self.reduce_dtype is None else grad.to(self.reduce_dtype)
-        op = reduce_scatter if is_sharded(self.specs.grads) else all_reduce
-        return op(x, self.mesh, self.axis, tag="grad")
+        if is_sharded(self.specs.grads):
+            x = reduce_scatter(x, self.mesh, self.axis, tag="grad")
+        return all_reduce(x, self.mesh, self.specs.replicated_axes("grads"), tag="grad")
 
     def reduce_in_backward(self, grad: torch.Tensor) -> torch.Tensor:
         """What the gather's backward does: reduce now, or leave it to the step."""
@@ -132,7 +142,7 @@ class GroupComm:
         """The dtype a group's gradient arrives in: reduced gradients in the reduce dtype (fp32 by
         default under bf16: exact sums, and what the fp32 master wants); a rank that reduces
         nothing keeps the param dtype."""
-        return (self.reduce_dtype or param_dtype) if self.num_shards > 1 else param_dtype
+        return (self.reduce_dtype or param_dtype) if self.num_ranks > 1 else param_dtype
 
 
 def group_modes(comm: GroupComm, placement, layouts, *, leaves: bool = False) -> dict[str, str]:

@@ -24,6 +24,7 @@ Units: bytes everywhere; the printing helpers (``_counts.py``) use GB = 1e9 byte
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,14 +48,14 @@ __all__ = ["MemoryEstimate", "estimate_memory", "layouts_for_num_params"]
 
 # --- layouts ----------------------------------------------------------------------------------
 class _PlanningMesh(Mesh):
-    """``num_ranks`` ranks with no process group behind them: enough to lay shards out.
+    """Ranks on named axes with no process group behind them: enough to lay shards out.
 
     ``bind`` asks the plan for this process's rank; a plan made for estimating has none, and
     every rank's shard has the same size, so rank 0 stands in for all of them.
     """
 
-    def __init__(self, axis: str, num_ranks: int) -> None:
-        super().__init__((axis,), (num_ranks,), device_type="meta")
+    def __init__(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> None:
+        super().__init__(axes, shape, device_type="meta")
 
     def rank(self, axis: str) -> int:
         self._axis_index(axis)
@@ -62,6 +63,15 @@ class _PlanningMesh(Mesh):
 
     def group(self, axis: str):
         raise RuntimeError("a planning mesh has no process group; it only lays out shards")
+
+    group_over = group
+
+
+def _planning_mesh(axis: str, num_shards: int, replicate: tuple[str, ...] = (), num_replicas: int = 1) -> _PlanningMesh:
+    """``num_shards`` ranks on ``axis`` and ``num_replicas`` copies of them over ``replicate``
+    (all on its first axis: per-rank bytes depend only on how many copies there are)."""
+    sizes = tuple(num_replicas if i == 0 else 1 for i in range(len(replicate)))
+    return _PlanningMesh((*replicate, axis), (*sizes, num_shards))
 
 
 def _default_num_groups(num_params: int) -> int:
@@ -161,6 +171,7 @@ class MemoryEstimate:
 
     Attributes:
         stage / num_shards / precision: the configuration (N = ``num_shards``).
+        num_replicas: copies of the N shards (hierarchical sharding; 1 without it).
         placement: ``{"params": ..., "opt_state": ...}`` each ``"gpu"``, ``"cpu"`` or ``"nvme"``.
         num_params: Ψ, trainable elements (tied parameters once).
         padded: elements of all group buffers including alignment and shard padding.
@@ -200,6 +211,7 @@ class MemoryEstimate:
     gpu: int = 0
     cpu: int = 0
     nvme: int = 0
+    num_replicas: int = 1
 
     @property
     def offload(self) -> str:
@@ -217,7 +229,9 @@ class MemoryEstimate:
         """A few lines for humans (GB = 1e9 bytes)."""
         s, ms = self.state, self.model_states
         lines = [
-            f"ZeRO stage {self.stage}, N={self.num_shards}, Ψ={self.num_params:,} "
+            f"ZeRO stage {self.stage}, N={self.num_shards}"
+            + (f" x {self.num_replicas} replicas" if self.num_replicas > 1 else "")
+            + f", Ψ={self.num_params:,} "
             f"(padded {self.padded:,}), offload={self.offload}",
             f"  model states (paper): {format_bytes(ms['total'])} = params {format_bytes(ms['params'])}"
             f" + grads {format_bytes(ms['grads'])} + optimizer {format_bytes(ms['optimizer'])}",
@@ -290,7 +304,7 @@ def _reduce_transient(b: Binding, comm: GroupComm, gathered: bool) -> int:
     still alive: its casts and the shards it produces come on top. Gathering from the host at
     one rank reduces through the same path (an identity collective, but the casts happen).
     """
-    precision, n = b.precision, b.num_shards
+    precision, n = b.precision, comm.num_ranks
     pb = torch.empty((), dtype=precision.param_dtype).element_size()
     rd = precision.reduce_dtype or precision.param_dtype
     rb = torch.empty((), dtype=rd).element_size()
@@ -326,17 +340,19 @@ def _with_placement(b: Binding, placement) -> Binding:
             )
     rules = parse_placement(placement, b.specs, stage=b.stage, training=False)
     pl = Placement(rules, b.placement.compute, rank=b.rank, layouts=b.layouts, training=False)
-    return Binding(b.paths, b.aliases, b.layouts, b.owners, b.num_shards, b.rank, b.precision, b.specs, b.stage, pl)
+    return dataclasses.replace(b, placement=pl)
 
-def _planned(model, stage, num_shards, plan, precision, placement, groups, rest, num_groups, leaf_align,
-             shard_align) -> Binding:
+def _planned(model, stage, num_shards, num_replicas, plan, precision, placement, groups, rest, num_groups,
+             leaf_align, shard_align) -> Binding:
     """The binding :func:`estimate_memory` counts, from its arguments (a plan's values win)."""
     if plan is not None:
         if stage is not None and stage != plan.stage:
             raise ValueError(f"stage={stage} contradicts the plan's stage {plan.stage}")
         if num_shards is not None and num_shards != plan.num_shards:
             raise ValueError(f"num_shards={num_shards} contradicts the plan's {plan.num_shards} shards")
-        stage, num_shards = plan.stage, plan.num_shards
+        if num_replicas is not None and num_replicas != plan.num_replicas:
+            raise ValueError(f"num_replicas={num_replicas} contradicts the plan's {plan.num_replicas} replicas")
+        stage, num_shards, num_replicas = plan.stage, plan.num_shards, plan.num_replicas
         groups, rest, leaf_align, shard_align = plan.groups, plan.rest, plan.leaf_align, plan.shard_align
         if placement is None:
             placement = dict(plan.placement)
@@ -346,8 +362,12 @@ def _planned(model, stage, num_shards, plan, precision, placement, groups, rest,
         num_shards = 1
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive int, got {num_shards=}")
-    planning = zero(stage, mesh=_PlanningMesh("dp", num_shards), groups=groups, rest=rest,
-                    leaf_align=leaf_align, shard_align=shard_align)
+    num_replicas = 1 if num_replicas is None else num_replicas
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive int, got {num_replicas=}")
+    replicate = ("replicate",) if num_replicas > 1 else ()
+    planning = zero(stage, mesh=_planning_mesh("dp", num_shards, replicate, num_replicas), replicate=replicate,
+                    groups=groups, rest=rest, leaf_align=leaf_align, shard_align=shard_align)
     return _binding_for(model, planning, precision, placement, num_groups)
 
 
@@ -356,6 +376,7 @@ def estimate_memory(
     *,
     stage: int | None = None,
     num_shards: int | None = None,
+    num_replicas: int | None = None,
     plan: Plan | None = None,
     precision: Precision | str | None = None,
     tx: Any = "adamw",
@@ -376,6 +397,9 @@ def estimate_memory(
             does not fit: only shapes are read), the ``Binding`` of an existing state
             (``state.binding``), or a parameter count Ψ (``7_000_000_000`` or ``"7B"``).
         stage / num_shards: the ZeRO stage and N; taken from ``plan`` (or the binding) if given.
+        num_replicas: hierarchical sharding: copies of the N shards (``zero(..., replicate=)``;
+            default 1). Per-rank bytes follow N; the replicas change only what needs more than
+            one rank (a reduced gradient's dtype, the reduce's transients).
         plan: a plan from :func:`funzero.zero` whose stage, mesh size, groups, alignment and
             placement to use.
         precision: as passed to :func:`funzero.init` (default ``fp32()``, as there), or
@@ -416,12 +440,14 @@ def estimate_memory(
             raise ValueError(f"stage={stage} contradicts the binding's stage {b.stage}")
         if num_shards is not None and num_shards != b.num_shards:
             raise ValueError(f"num_shards={num_shards} contradicts the binding's {b.num_shards} shards")
+        if num_replicas is not None and num_replicas != b.num_replicas:
+            raise ValueError(f"num_replicas={num_replicas} contradicts the binding's {b.num_replicas} replicas")
         if precision_given and precision != b.precision:
             raise ValueError(f"precision {precision} contradicts the binding's {b.precision}")
         if placement is not None:
             b = _with_placement(b, placement)
     else:
-        b = _planned(model, stage, num_shards, plan, precision, placement, groups, rest, num_groups,
+        b = _planned(model, stage, num_shards, num_replicas, plan, precision, placement, groups, rest, num_groups,
                      leaf_align, shard_align)
     tx = _optimizer(tx)
     del compiled  # the same count either way (see above)
@@ -433,7 +459,8 @@ def _estimate(b: Binding, tx, *, prefetch: int, activations: ActivationEstimate 
     state = _state_bytes(built := build_state(b, tx, None, "meta", place=False))
     tiers = _tiers(built, b, tx)
     del built
-    comm = GroupComm(_PlanningMesh(specs.axis, n), specs, precision.reduce_dtype, torch.device("meta"))
+    mesh = _planning_mesh(specs.axis, n, specs.replicate, b.num_replicas)
+    comm = GroupComm(mesh, specs, precision.reduce_dtype, torch.device("meta"))
     modes = group_modes(comm, pl, b.layouts)
     grads = 0
     for g, lay in b.layouts.items():
@@ -467,7 +494,7 @@ def _estimate(b: Binding, tx, *, prefetch: int, activations: ActivationEstimate 
     opt_elems = {g: specs.held("opt_state", lay) for g, lay in b.layouts.items()}
     host_opt = sum(v for g, v in opt_elems.items() if pl.offloaded("opt_state", g)) / sum(opt_elems.values())
     if host_opt > 0:
-        if specs.reduce == "step" and n > 1:  # reduced to shards, in reduce_dtype, after backward
+        if specs.reduce == "step" and comm.num_ranks > 1:  # reduced to shards, in reduce_dtype, after backward
             rd = precision.reduce_dtype or precision.param_dtype
             reduced = sum(specs.held("grads", lay) for lay in lays) * rd.itemsize
         else:
@@ -485,6 +512,7 @@ def _estimate(b: Binding, tx, *, prefetch: int, activations: ActivationEstimate 
     return MemoryEstimate(
         stage=b.stage,
         num_shards=n,
+        num_replicas=b.num_replicas,
         precision=precision,
         placement=where,
         num_params=sum(lay.numel for lay in lays),

@@ -3,11 +3,13 @@
 :data:`STAGES` is the one table that knows the stages. Everything else reads a plan's
 :class:`StateSpecs`: whether parameters are gathered before compute, how a gradient is reduced
 and when, what part of each buffer a rank holds. A second mesh axis is a new spec, not a new
-branch.
+branch: hierarchical sharding (HSDP) is specs that shard over one axis and name the axes
+they are replicated over (``StateSpecs.replicate``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +25,14 @@ REDUCE_WHEN = ("backward", "step")
 
 @dataclass(frozen=True)
 class StateSpecs:
-    """How each part of the training state lives across the data-parallel axis.
+    """How each part of the training state lives across the data-parallel axes.
+
+    Every part's spec names one axis, the *shard* axis; ``replicate`` names further data-parallel
+    axes over which every part is replicated (hierarchical sharding: shard within a node,
+    replicate across nodes). Each rank of the data-parallel world (``data_axes``) takes its own
+    slice of the batch, so a gradient is averaged over all of them: reduce-scattered over the
+    shard axis where its spec shards it, then all-reduced over the axes it is replicated over
+    (:meth:`replicated_axes`).
 
     Attributes:
         params: the parameters the model computes with. A sharded spec means each group is
@@ -34,12 +43,15 @@ class StateSpecs:
         reduce: ``"backward"``: each group's gradient is reduced during backward, once per
             micro-batch; ``"step"``: backward keeps full local gradients and the step reduces
             them once per optimizer step.
+        replicate: further data-parallel axes every part is replicated over (``()``: one
+            data-parallel axis, plain ZeRO).
     """
 
     params: Spec
     grads: Spec
     opt_state: Spec
     reduce: str = "backward"
+    replicate: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCE_WHEN:
@@ -57,6 +69,18 @@ class StateSpecs:
         axes = {s.axis for s in (self.params, self.grads, self.opt_state)}
         if len(axes) != 1:
             raise ValueError(f"specs name axes {sorted(axes)}; one data-parallel axis is supported")
+        _check_replicate(self.replicate, self.axis)
+
+    @property
+    def data_axes(self) -> tuple[str, ...]:
+        """Every data-parallel axis: the replicated ones, then the shard axis."""
+        return (*self.replicate, self.axis)
+
+    def replicated_axes(self, part: str) -> tuple[str, ...]:
+        """The data-parallel axes over which ``part`` (``params``, ``grads``, ``opt_state``) is
+        replicated: a gradient is all-reduced over these (after a reduce-scatter over the shard
+        axis if its spec shards it)."""
+        return self.replicate if is_sharded(getattr(self, part)) else self.data_axes
 
     @property
     def axis(self) -> str:
@@ -81,8 +105,17 @@ class StateSpecs:
         return is_sharded(self.opt_state) and not is_sharded(self.params)
 
 
+def _check_replicate(replicate, axis: str) -> None:
+    if not isinstance(replicate, tuple) or not all(isinstance(a, str) for a in replicate):
+        raise ValueError(f"replicate must be a tuple of axis names, got {replicate=}")
+    if axis in replicate:
+        raise ValueError(f"axis {axis!r} cannot be both the shard axis and replicated over ({replicate=})")
+    if len(set(replicate)) != len(replicate):
+        raise ValueError(f"replicate names an axis twice: {replicate=}")
+
+
 def _stage(params: type, grads: type, opt_state: type, reduce: str):
-    return lambda axis: StateSpecs(params(axis), grads(axis), opt_state(axis), reduce)
+    return lambda axis, replicate=(): StateSpecs(params(axis), grads(axis), opt_state(axis), reduce, tuple(replicate))
 
 
 # The ZeRO stages (Rajbhandari et al., 2020, sec. 5): which parts are partitioned, and whether
@@ -102,7 +135,8 @@ class Plan:
     Attributes:
         stage: the ZeRO stage the specs come from (a label: the code reads ``specs``).
         specs: :class:`StateSpecs` for params, grads and opt_state.
-        mesh: the ranks; ``specs.axis`` is the data-parallel axis shards are split over.
+        mesh: the ranks; ``specs.axis`` is the data-parallel axis shards are split over,
+            ``specs.replicate`` the data-parallel axes they are replicated over.
         groups: group rules (see ``shardspec.assign_groups``); ``rest`` names the group of the
             leaves no rule matches (``None``: such a leaf is an error).
         placement: where state leaves live (``{"opt_state": "cpu"}``, or leaf-path rules),
@@ -133,7 +167,35 @@ class Plan:
 
     @property
     def rank(self) -> int:
+        """This process's rank on the shard axis (which shard it holds)."""
         return self.mesh.rank(self.axis)
+
+    @property
+    def data_axes(self) -> tuple[str, ...]:
+        return self.specs.data_axes
+
+    @property
+    def num_replicas(self) -> int:
+        """Copies of each shard: ranks over the replicated axes (1 without ``replicate``)."""
+        return math.prod(self.mesh.size(a) for a in self.specs.replicate)
+
+    @property
+    def replica(self) -> int:
+        """Which copy this process holds (row-major over the replicated axes)."""
+        r = 0
+        for a in self.specs.replicate:
+            r = r * self.mesh.size(a) + self.mesh.rank(a)
+        return r
+
+    @property
+    def num_data_ranks(self) -> int:
+        """Ranks of the data-parallel world, each with its own slice of the batch."""
+        return self.num_replicas * self.num_shards
+
+    @property
+    def data_rank(self) -> int:
+        """This process's index in the data-parallel world (replica-major)."""
+        return self.replica * self.num_shards + self.rank
 
 
 def _check_stage(stage) -> int:
@@ -147,6 +209,7 @@ def zero(
     *,
     mesh: Mesh | None = None,
     axis: str = "dp",
+    replicate: str | Sequence[str] = (),
     groups: Sequence | Mapping | None = None,
     rest: str | None = "rest",
     placement: Mapping[str, str] | None = None,
@@ -167,9 +230,29 @@ def zero(
     3         own shard      reduce-scatter per group, in backward  own shard
     ========  =============  =====================================  ===============
 
+    Hierarchical sharding (HSDP; ZeRO++'s hpZ idea) shards over ``axis`` and replicates over
+    the ``replicate`` axes, e.g. ``Mesh(("replicate", "shard"), (nodes, gpus_per_node))``: "own
+    shard" is a shard of ``axis``, held alike by every replica, and each data-parallel rank
+    (``replicate`` x ``axis``) takes its own slice of the batch:
+
+    ========  =====================================================================  =============
+    stage     gradient reduce                                                        params gather
+    ========  =====================================================================  =============
+    0         all-reduce over ``replicate`` x ``axis`` (one group of all of them)   none
+    1, 2      reduce-scatter over ``axis``, then all-reduce of the shard over       all-gather
+              ``replicate`` (1/S of the gradient crosses replicas)                  over ``axis``
+              (stage 1 once per optimizer step)                                      after update
+    3         as 1, 2, per group in backward                                         all-gather
+                                                                                     over ``axis``
+    ========  =====================================================================  =============
+
     Args:
         stage: 0, 1, 2 or 3 (an int).
-        mesh: the ranks (default: ``Mesh.from_env((axis,))``).
+        mesh: the ranks (default: ``Mesh.from_env((*replicate, axis))``: the whole world on
+            ``axis``).
+        axis: the mesh axis shards are split over.
+        replicate: a mesh axis (or several) over which every part of the state is replicated
+            (default: none). Per-rank memory follows ``axis``'s size alone.
         groups: rules grouping leaves into gather/reduce units, e.g. ``[r"blocks\\.(\\d+)\\."]``.
         rest: group of unmatched leaves, or ``None`` to require every leaf be matched.
         placement: offload: ``{"opt_state": "cpu"}``, ``{"opt_state": "nvme:/scratch", "params":
@@ -190,15 +273,21 @@ def zero(
 
     Example:
         >>> plan = zero(3, groups=[r"blocks\\.(\\d+)\\."])
+        >>> hsdp = zero(3, mesh=Mesh(("replicate", "shard"), (1, 1)), axis="shard", replicate="replicate")
+        >>> hsdp.specs.replicated_axes("grads"), hsdp.num_replicas
+        (('replicate',), 1)
     """
     stage = _check_stage(stage)
     if batch not in ("global", "local"):
         raise ValueError(f"batch must be 'global' or 'local', got {batch=}")
+    replicate = (replicate,) if isinstance(replicate, str) else tuple(replicate)
+    _check_replicate(replicate, axis)
     if mesh is None:
-        mesh = Mesh.from_env((axis,))
-    if axis not in mesh.axis_names:
-        raise ValueError(f"axis {axis!r} is not an axis of {mesh}")
-    specs = STAGES[stage](axis)
+        mesh = Mesh.from_env((*replicate, axis))
+    for a in (axis, *replicate):
+        if a not in mesh.axis_names:
+            raise ValueError(f"axis {a!r} is not an axis of {mesh}")
+    specs = STAGES[stage](axis, replicate)
     placement = parse_placement(placement, specs, stage=stage)
     # The overlapped host updates need some optimizer state in host memory and none in a kind
     # whose updates write copies (NVMe files).

@@ -78,6 +78,7 @@ def choose_stage(
     model: nn.Module | int | str,
     *,
     num_shards: int,
+    num_replicas: int = 1,
     gpu_bytes: int,
     cpu_bytes: int | None = None,
     nvme_bytes: int | None = None,
@@ -89,11 +90,14 @@ def choose_stage(
 
     Args:
         model: as for :func:`estimate_memory` (module or parameter count).
-        num_shards: N, data-parallel ranks in all.
+        num_shards: N, the ranks each group is sharded over (data-parallel ranks in all, unless
+            ``num_replicas`` > 1).
+        num_replicas: hierarchical sharding: copies of the N shards (``zero(..., replicate=)``);
+            the world is ``num_shards * num_replicas`` ranks.
         gpu_bytes: memory per GPU.
         cpu_bytes: host memory per node (``None``: not limited).
         nvme_bytes: NVMe per node; ``None``: NVMe placements are not considered.
-        gpus_per_node: ranks sharing one node's CPU and NVMe (default: all ``num_shards``).
+        gpus_per_node: ranks sharing one node's CPU and NVMe (default: the whole world).
         reserve_bytes: GPU memory to keep free beyond the estimate (CUDA context, allocator
             fragmentation, activations when none are estimated).
         **kw: passed to :func:`estimate_memory` (``precision``, ``tx``, ``groups``,
@@ -117,13 +121,15 @@ def choose_stage(
     if not 0 <= reserve_bytes < gpu_bytes:
         raise ValueError(f"reserve_bytes must be in [0, gpu_bytes={gpu_bytes}), got {reserve_bytes=}")
     usable = gpu_bytes - reserve_bytes
-    per_node = num_shards if gpus_per_node is None else gpus_per_node
-    if per_node < 1 or num_shards % per_node:
-        raise ValueError(f"gpus_per_node={gpus_per_node} must divide num_shards={num_shards}")
+    world = num_shards * num_replicas
+    per_node = world if gpus_per_node is None else gpus_per_node
+    if per_node < 1 or world % per_node:
+        raise ValueError(f"gpus_per_node={gpus_per_node} must divide the {world} ranks of {num_shards=} x {num_replicas=}")
     labels = ["none", "cpu", "cpu+params"] + (["nvme", "nvme+params"] if nvme_bytes is not None else [])
     out = []
     for label, stage in candidates(labels):
-        est = estimate_memory(model, stage=stage, num_shards=num_shards, placement=OFFLOADS[label], **kw)
+        est = estimate_memory(model, stage=stage, num_shards=num_shards, num_replicas=num_replicas,
+                              placement=OFFLOADS[label], **kw)
         cpu_node, nvme_node = est.cpu * per_node, est.nvme * per_node
         over = []
         if est.gpu > usable:

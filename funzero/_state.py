@@ -255,7 +255,7 @@ def init(
                     init=module_init(model, init_fn) if needs_init else None, seed=seed, device=device)
     _check_nvme_space(binding, tx)
     fill = filler.fill
-    if plan.num_shards > 1 and source is None:
+    if plan.num_data_ranks > 1 and source is None:
         fill = _rank0_values(filler, plan, binding)
     try:
         state = build_state(binding, tx, fill, device)
@@ -301,15 +301,15 @@ def _fingerprint(plan: Plan, b: Binding, tx: GradientTransformation) -> list[tup
 
 
 def _agree(plan: Plan, b: Binding, tx: GradientTransformation) -> None:
-    """Compare the fingerprint across the data-parallel ranks (one object all-gather); any
-    difference raises on every rank, naming the first item that differs."""
-    group = plan.mesh.group(plan.axis)
+    """Compare the fingerprint across the data-parallel ranks, replicas included (one object
+    all-gather); any difference raises on every rank, naming the first item that differs."""
+    group = plan.mesh.group_over(plan.data_axes)
     if group is None:
         return
     import torch.distributed as dist
 
     mine = _fingerprint(plan, b, tx)
-    everyone: list = [None] * plan.num_shards
+    everyone: list = [None] * plan.num_data_ranks
     dist.all_gather_object(everyone, mine, group=group)
     for i, (name, desc) in enumerate(everyone[0]):
         for r, theirs in enumerate(everyone):
@@ -361,7 +361,7 @@ def _rank0_values(filler, plan: Plan, b: Binding):
         if all(filler.needs_making(s.path) for s in lay.slots):
             return filler.fill(g, lo, hi, dtype)  # made from (seed, module): equal everywhere
         full = filler.fill(g, 0, lay.padded, dtype)
-        full = broadcast(full, plan.mesh, plan.axis, tag="init")
+        full = broadcast(full, plan.mesh, plan.data_axes, tag="init")
         return full[lo:hi]
 
     return fill

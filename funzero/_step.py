@@ -75,11 +75,12 @@ def as_transformation(tx) -> GradientTransformation:
 
 
 def _local_batch(batch: Any, plan: Plan) -> Any:
-    """This rank's slice of dim 0 of every tensor in a global batch."""
-    n = plan.num_shards
+    """This rank's slice of dim 0 of every tensor in a global batch (its slice of the whole
+    data-parallel world: replicas x shards)."""
+    n = plan.num_data_ranks
     if plan.batch == "local" or n == 1:
         return batch
-    r = plan.rank
+    r = plan.data_rank
     paths, leaves, spec = optree.tree_flatten_with_path(batch, namespace="funzero")
     out = []
     for path, x in zip(paths, leaves):
@@ -138,6 +139,9 @@ class Step:
             raise ValueError(
                 f"state was initialised for {b.num_shards} ranks on axis {p.axis!r}, the plan's mesh has {p.num_shards}"
             )
+        if b.num_replicas != p.num_replicas:
+            raise ValueError(f"state was initialised for {b.num_replicas} replicas over {p.specs.replicate}, the "
+                             f"plan's mesh has {p.num_replicas}")
         if b.specs != p.specs:
             raise ValueError(f"state was initialised for ZeRO stage {b.stage}, the plan is stage {p.stage}")
         if b.rank != p.rank:
@@ -169,7 +173,7 @@ class Step:
         return (
             self.leaf_grads
             and not torch.compiler.is_compiling()
-            and self.plan.num_shards == 1
+            and self.plan.num_data_ranks == 1
             and not self.comm.gathers(b.placement.offloaded("params"))
             and self.accumulate is None
             and fused is not None
@@ -203,7 +207,7 @@ class Step:
             or p.delayed_update
             or self.accumulate is not None
             or self.checks(b)
-            or (p.num_shards > 1 and p.specs.reduce == "step")
+            or (p.num_data_ranks > 1 and p.specs.reduce == "step")
         ):
             return None
         gw = groupwise(job)
@@ -253,7 +257,7 @@ class Step:
     def reduce_at_step(self, grads: dict) -> dict:
         """Where the specs defer the reduce to the optimizer step: reduce each full local gradient
         now (dropping each as soon as its reduced form exists)."""
-        if self.plan.specs.reduce != "step" or self.plan.num_shards == 1:
+        if self.plan.specs.reduce != "step" or self.plan.num_data_ranks == 1:
             return grads
         out = {}
         for g in list(grads):
@@ -277,7 +281,7 @@ class Step:
         flag = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         ops.nonfinite_(tensors, flag)
         flag.masked_fill_(~torch.isfinite(loss.to(flag.device)), 1.0)
-        flag = all_reduce(flag, self.plan.mesh, self.plan.axis, op="max", tag="metrics")
+        flag = all_reduce(flag, self.plan.mesh, self.plan.data_axes, op="max", tag="metrics")
         tp = self.binding.tp  # tp ranks hold different gradients: they skip together, or drift apart
         if tp is not None:
             flag = all_reduce(flag, tp.mesh, tp.axis, op="max", tag="metrics")
@@ -315,7 +319,7 @@ class Step:
             if not ready:
                 if checks:
                     metrics["skipped"] = torch.zeros((), dtype=torch.bool, device=loss.device)
-                metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
+                metrics["loss"] = all_reduce(loss, p.mesh, p.data_axes, op="avg", tag="metrics")
                 return state.replace(opt_state=opt_state), _with_aux(metrics, aux)
         grads = self.reduce_at_step(grads)
         grad_scale = found_inf = None
@@ -335,7 +339,7 @@ class Step:
 
             scaler = update_scaler(state.scaler, found_inf, cfg)
             metrics["loss_scale"] = state.scaler.scale
-        metrics["loss"] = all_reduce(loss, p.mesh, p.axis, op="avg", tag="metrics")
+        metrics["loss"] = all_reduce(loss, p.mesh, p.data_axes, op="avg", tag="metrics")
         new_state = state.replace(step=step, params=params, master=master, opt_state=new_opt, scaler=scaler)
         return new_state, _with_aux(metrics, aux)
 

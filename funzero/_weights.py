@@ -632,8 +632,8 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
     if out_dtype not in _ST_NAMES:
         raise ValueError(f"dtype {out_dtype} cannot be stored in safetensors")
     size = torch.empty((), dtype=out_dtype).element_size()
-    group = plan.mesh.group(plan.axis)
-    rank = b.rank
+    group = plan.mesh.group_over(plan.data_axes)
+    rank = plan.data_rank  # one writer; every replica's shard group still gathers to its rank 0
     writes = rank == 0 and (b.tp is None or b.tp.rank == 0)  # tensor parallelism: one writer of all
     if b.tp is not None and plan.mesh.size() > 1:
         group = dist.group.WORLD  # every rank votes: tp peers gather, one rank writes
@@ -650,7 +650,8 @@ def save_weights(state: TrainState, plan: Plan, directory: str, *, max_shard_siz
         error = e
     # Every rank takes part in every gather, whatever failed where, so none waits forever.
     for g, full in _groups(state, plan, to_rank=0):
-        if full is not None and (error is None or b.tp is not None):  # tp peers gather whatever failed
+        # tp peers gather whatever failed; a replica's shard rank 0 that is not the writer skips
+        if full is not None and (b.tp is not None or (rank == 0 and error is None)):
             try:
                 _write_leaves(writer if error is None else None, b, g, full, out_dtype, tied)
             except Exception as e:  # noqa: BLE001

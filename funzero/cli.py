@@ -3,6 +3,7 @@
     funzero estimate --params 70B --gpus 8                  # every stage x offload
     funzero estimate --model gpt2-xl --gpus 4 --batch 8     # a real model, counted on meta
     funzero plan --gpu-gb 80 --cpu-gb 128 --params 13B --gpus 4
+    funzero plan --gpu-gb 80 --params 70B --gpus 8 --nodes 8 --replicate 8   # shard in a node (HSDP)
 
 Sizes in and out are decimal (GB = 1e9 bytes, the ZeRO paper's unit). Exit status: 0 done,
 1 nothing fits the budgets, 2 bad input; errors are one line on stderr.
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         what.add_argument("--model", help="GPT preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file of GPTConfig fields")
         q.add_argument("--gpus", default="1", help="GPUs per node (default 1)")
         q.add_argument("--nodes", default="1", help="nodes (default 1); N = gpus x nodes")
+        q.add_argument("--replicate", default="1",
+                       help="hierarchical sharding: copies of the state (e.g. = --nodes: shard within a node, "
+                            "replicate across nodes); groups are sharded over N / replicate ranks (default 1)")
         q.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
         q.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "lamb", "lion", "sgd", "sgd-momentum"])
         q.add_argument("--layers", default=None, help="with --params: groups (blocks) to assume (default: a GPT-like guess)")
@@ -148,13 +152,17 @@ def _activations(args, cfg) -> ActivationEstimate | None:
 
 def _common(args):
     gpus, nodes = _int("--gpus", args.gpus), _int("--nodes", args.nodes)
+    replicas = _int("--replicate", args.replicate)
+    if (gpus * nodes) % replicas:
+        raise _UsageError(f"funzero: error: --replicate {args.replicate!r} does not divide the {gpus * nodes} ranks "
+                          f"(--gpus {args.gpus} x --nodes {args.nodes})")
     layers = _int("--layers", args.layers)
     prefetch = _int("--prefetch", args.prefetch, minimum=0)
     if layers is not None and args.params is None:
         raise _UsageError("funzero: error: --layers applies to --params; --model knows its layers")
     model, desc, cfg = _model(args)
     acts = _activations(args, cfg)
-    kw = dict(precision=args.precision, tx=args.optimizer, prefetch=prefetch, activations=acts)
+    kw = dict(precision=args.precision, tx=args.optimizer, prefetch=prefetch, activations=acts, num_replicas=replicas)
     if cfg is not None:
         kw["groups"] = GPT_GROUPS
     else:
@@ -183,8 +191,9 @@ def _dt(dtype: torch.dtype) -> str:
 
 def _header(desc: str, n: int, gpus: int, nodes: int, est: MemoryEstimate) -> str:
     sizes = est.group_sizes
+    hsdp = f", sharded over {est.num_shards} x {est.num_replicas} replicas" if est.num_replicas > 1 else ""
     return (
-        f"{desc}; N = {n} ranks ({gpus} GPU{'s' if gpus > 1 else ''} x {nodes} node{'s' if nodes > 1 else ''}); "
+        f"{desc}; N = {n} ranks ({gpus} GPU{'s' if gpus > 1 else ''} x {nodes} node{'s' if nodes > 1 else ''}{hsdp}); "
         f"{_dt(est.precision.param_dtype)} params, "
         f"{'fp32 master' if est.precision.has_master else 'no master copy'}; "
         f"{len(sizes)} groups, largest {sizes[0]:,} elements"
@@ -211,7 +220,8 @@ def _estimate(args) -> int:
     from rich.table import Table
 
     pairs = sorted(candidates(labels), key=lambda p: (p[1], labels.index(p[0])))  # by stage, then offload
-    rows = [estimate_memory(model, stage=stage, num_shards=n, placement=OFFLOADS[label], **kw) for label, stage in pairs]
+    shards = n // kw["num_replicas"]
+    rows = [estimate_memory(model, stage=stage, num_shards=shards, placement=OFFLOADS[label], **kw) for label, stage in pairs]
     con = _console()
     con.print(_header(desc, n, gpus, nodes, rows[0]))
     t = Table(title="Per-rank memory (GB)", title_justify="left")
@@ -245,7 +255,7 @@ def _plan(args) -> int:
         raise _UsageError(f"funzero: error: --reserve-gb {args.reserve_gb!r} leaves nothing of --gpu-gb {args.gpu_gb!r}")
     n = gpus * nodes
     choice = choose_stage(
-        model, num_shards=n, gpu_bytes=gpu, cpu_bytes=cpu, nvme_bytes=nvme, gpus_per_node=gpus,
+        model, num_shards=n // kw["num_replicas"], gpu_bytes=gpu, cpu_bytes=cpu, nvme_bytes=nvme, gpus_per_node=gpus,
         reserve_bytes=reserve, **kw,
     )
     from rich.table import Table

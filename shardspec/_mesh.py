@@ -43,6 +43,7 @@ class Mesh:
         self.shape = shape
         self.device_type = device_type
         self._mesh = device_mesh
+        self._joint: dict = {}  # group_over's flattened groups, by axes
 
     @classmethod
     def from_env(
@@ -89,16 +90,16 @@ class Mesh:
         mesh._inherit_timeout()
         return mesh
 
-    def _inherit_timeout(self) -> None:
-        """Give each axis's group the world's collective timeout: groups the device mesh makes
-        for an axis smaller than the world get torch's default (30 minutes) otherwise."""
+    def _inherit_timeout(self, groups=None) -> None:
+        """Give each axis's group (or ``groups``) the world's collective timeout: groups the
+        device mesh makes for an axis smaller than the world get torch's default (30 minutes)
+        otherwise."""
         device = torch.device(self.device_type)
         try:
             timeout = dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout
         except Exception:  # noqa: BLE001 - a backend that does not say keeps its groups' own
             return
-        for axis in self.axis_names:
-            group = self.group(axis)
+        for group in groups if groups is not None else map(self.group, self.axis_names):
             if group is not None and group is not dist.distributed_c10d._get_default_group():
                 group.set_timeout(timeout)
 
@@ -130,6 +131,29 @@ class Mesh:
             return None
         assert self._mesh is not None
         return self._mesh.get_group(i)
+
+    def group_over(self, axes: Sequence[str]) -> "dist.ProcessGroup | None":
+        """The process group of several axes taken as one (their ranks flattened in mesh order,
+        outermost first): the ranks that share this process's coordinates on every other axis.
+
+        ``None`` where those axes hold one rank; the axis's own group where only one of them has
+        more than one rank. Made once per set of axes (a collective over the world the first
+        time: every rank must ask for the same axes in the same order).
+
+        Example:
+            >>> mesh = Mesh(("replicate", "shard"), (1, 1))
+            >>> mesh.group_over(("replicate", "shard")) is None
+            True
+        """
+        named = {self._axis_index(a) for a in axes}
+        wide = tuple(a for i, a in enumerate(self.axis_names) if i in named and self.shape[i] > 1)
+        if len(wide) <= 1:
+            return self.group(wide[0]) if wide else None
+        if wide not in self._joint:
+            assert self._mesh is not None
+            self._joint[wide] = self._mesh[wide]._flatten("_".join(wide)).get_group()
+            self._inherit_timeout([self._joint[wide]])
+        return self._joint[wide]
 
     @property
     def device(self) -> torch.device:
