@@ -102,7 +102,7 @@ def from_layouts(plan: Plan, layouts: Mapping[str, FlatLayout], precision: Preci
     a model it has only a parameter count of)."""
     placement = Placement(plan.placement, plan.mesh.device, rank=plan.rank, layouts=layouts, training=training)
     return Binding(tuple(paths), dict(aliases or {}), dict(layouts), dict(owners or {g: "" for g in layouts}),
-                   plan.num_shards, plan.rank, precision, plan.specs, plan.stage, placement, plan.num_replicas)
+                   plan.num_shards, plan.rank, precision, plan.specs, plan.stage, placement, num_replicas=plan.num_replicas)
 
 
 def param_count(model: nn.Module) -> int:
