@@ -123,7 +123,7 @@ def _group_of(mesh: Mesh, axis: str | tuple[str, ...]) -> tuple["dist.ProcessGro
     """``(process group, ranks)`` of one axis, or of a tuple of axes taken as one."""
     if isinstance(axis, str):
         return mesh.group(axis), mesh.size(axis)
-    return mesh.group_over(axis), math.prod(mesh.size(a) for a in axis)
+    return mesh.group_over(axis), math.prod([mesh.size(a) for a in axis])
 
 
 # torch 2.13 renamed these too; the old names warn there.

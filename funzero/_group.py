@@ -107,7 +107,7 @@ class GroupComm:
     @property
     def num_ranks(self) -> int:
         """Data-parallel ranks a gradient is averaged over (shards x replicas)."""
-        return math.prod(self.mesh.size(a) for a in self.specs.data_axes)
+        return math.prod([self.mesh.size(a) for a in self.specs.data_axes])
 
     def gathers(self, offloaded_params: bool) -> bool:
         """Whether forward gathers: shards on other ranks, or shards on the host to bring in."""

@@ -177,7 +177,7 @@ class Plan:
     @property
     def num_replicas(self) -> int:
         """Copies of each shard: ranks over the replicated axes (1 without ``replicate``)."""
-        return math.prod(self.mesh.size(a) for a in self.specs.replicate)
+        return math.prod([self.mesh.size(a) for a in self.specs.replicate])  # a list: dynamo breaks on a generator
 
     @property
     def replica(self) -> int:

@@ -124,7 +124,8 @@ def choose_stage(
     world = num_shards * num_replicas
     per_node = world if gpus_per_node is None else gpus_per_node
     if per_node < 1 or world % per_node:
-        raise ValueError(f"gpus_per_node={gpus_per_node} must divide the {world} ranks of {num_shards=} x {num_replicas=}")
+        raise ValueError(f"gpus_per_node={gpus_per_node} must divide the {world} ranks of "
+                         f"{num_shards=} x {num_replicas=}")
     labels = ["none", "cpu", "cpu+params"] + (["nvme", "nvme+params"] if nvme_bytes is not None else [])
     out = []
     for label, stage in candidates(labels):

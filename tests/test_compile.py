@@ -11,7 +11,8 @@ from tests._dist import run_world
 from tests._models import GROUPS, batches, lm_loss, tiny_gpt
 
 
-def _compiled_vs_eager(rank, world, stages, backend):
+def _compiled_vs_eager(rank, world, stages, backend, make_plan=None):
+    """``make_plan(stage)``: the plan to run (default: ``fz.zero(stage, groups=GROUPS)``)."""
     from torch._dynamo.utils import counters
 
     out = {}
@@ -19,7 +20,7 @@ def _compiled_vs_eager(rank, world, stages, backend):
         res = {}
         for compiled in (False, True):
             model = tiny_gpt(dtype=torch.float64)
-            plan = fz.zero(stage, groups=GROUPS)
+            plan = make_plan(stage) if make_plan is not None else fz.zero(stage, groups=GROUPS)
             tx = optim.adamw(1e-2, weight_decay=0.1)
             state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
             step = fz.train_step(model, lm_loss, tx, plan)

@@ -86,7 +86,8 @@ def _training(meshes, rank):
     out = {}
     for layout in [*LAYOUTS, "flat"]:
         for stage in (0, 1, 2, 3):
-            out[("gpt", layout, stage)] = _train(gpt, _plan_for(layout, stage, meshes[layout], groups=GROUPS), fp64, data)
+            plan = _plan_for(layout, stage, meshes[layout], groups=GROUPS)
+            out[("gpt", layout, stage)] = _train(gpt, plan, fp64, data)
     for stage in (0, 1, 2, 3):
         plan = _hsdp(stage, meshes[(2, 2)], groups=LLAMA_GROUPS)
         out[("llama", (2, 2), stage)] = _train(_Llama, plan, fp64, data[:3])
@@ -284,13 +285,11 @@ def test_estimate_equals_what_init_allocates_on_2x2(world):
             assert m["binding_replicas"] == 2
             assert m["state"] == m["est_state"], (stage, offload)
             assert m["grads"] == m["est_grads"], (stage, offload)
-            est = fz.estimate_memory(tiny_gpt(), stage=stage, num_shards=2, num_replicas=2, precision=fz.bf16(),
-                                     tx=optim.adamw(1e-2, fused=False), groups=GROUPS,
-                                     placement={"opt_state": "cpu"} if offload else None)
+            kw = dict(stage=stage, num_shards=2, precision=fz.bf16(), tx=optim.adamw(1e-2, fused=False), groups=GROUPS,
+                      placement={"opt_state": "cpu"} if offload else None)
+            est = fz.estimate_memory(tiny_gpt(), num_replicas=2, **kw)
             assert dict(est.state) == m["state"] and est.grads == m["grads"], (stage, offload)
-            assert dict(est.state) == dict(fz.estimate_memory(tiny_gpt(), stage=stage, num_shards=2, precision=fz.bf16(),
-                                                             tx=optim.adamw(1e-2, fused=False), groups=GROUPS,
-                                                             placement={"opt_state": "cpu"} if offload else None).state)
+            assert dict(est.state) == dict(fz.estimate_memory(tiny_gpt(), **kw).state)  # as 2 flat shards
 
 
 def test_one_shard_many_replicas_reduces_in_the_reduce_dtype():
@@ -380,37 +379,18 @@ def test_specs_say_where_each_gradient_is_reduced():
 
 
 # --- compiled --------------------------------------------------------------------------------
-def _compiled(rank, world):
-    """Stages 1 and 3 on 2 x 2, eager and under torch.compile: parameters after 3 steps, the
-    graphs made and the graph breaks."""
-    from torch._dynamo.utils import counters
-
-    mesh = Mesh.from_env(("replicate", "shard"), (2, 2))
-    out = {}
-    for stage in (1, 3):
-        for compiled in (False, True):
-            model = tiny_gpt(dtype=torch.float64)
-            plan = _hsdp(stage, mesh, groups=GROUPS)
-            tx = optim.adamw(1e-2, weight_decay=0.1)
-            state = fz.init(model, tx, plan, precision=fz.Precision(torch.float64))
-            step = fz.train_step(model, lm_loss, tx, plan)
-            if compiled:
-                torch._dynamo.reset()
-                counters.clear()
-                step = torch.compile(step, backend="aot_eager")
-            for b in batches(3):
-                state, _ = step(state, b)
-            out[(stage, compiled)] = (fz.gather_params(state, plan), counters["stats"]["unique_graphs"],
-                                      dict(counters["graph_break"]))
-    return out if rank == 0 else None
+def _plan_2x2(stage):
+    return _hsdp(stage, Mesh.from_env(("replicate", "shard"), (2, 2)), groups=GROUPS)
 
 
 @pytest.mark.slow
 def test_compiled_hsdp_step_matches_eager():
-    got = run_world(_compiled, 4)[0]
-    for stage in (1, 3):
-        eager, _, _ = got[(stage, False)]
-        compiled, graphs, breaks = got[(stage, True)]
-        assert graphs == 1 and not breaks, (stage, graphs, list(breaks))
+    """Stages 1 and 3 on 2 x 2 under torch.compile: one graph, no break, eager's parameters."""
+    from tests.test_compile import _compiled_vs_eager
+
+    for stage, r in run_world(_compiled_vs_eager, 4, (1, 3), "aot_eager", _plan_2x2)[0].items():
+        eager, _, _ = r[False]
+        compiled, graphs, breaks = r[True]
+        assert graphs == [1, 1, 1] and not breaks, (stage, graphs, list(breaks))
         for k, v in eager.items():
             assert _rel(compiled[k], v) < 1e-10, (stage, k, _rel(compiled[k], v))
