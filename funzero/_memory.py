@@ -346,12 +346,7 @@ def _planned(model, stage, num_shards, num_replicas, plan, precision, placement,
              leaf_align, shard_align) -> Binding:
     """The binding :func:`estimate_memory` counts, from its arguments (a plan's values win)."""
     if plan is not None:
-        if stage is not None and stage != plan.stage:
-            raise ValueError(f"stage={stage} contradicts the plan's stage {plan.stage}")
-        if num_shards is not None and num_shards != plan.num_shards:
-            raise ValueError(f"num_shards={num_shards} contradicts the plan's {plan.num_shards} shards")
-        if num_replicas is not None and num_replicas != plan.num_replicas:
-            raise ValueError(f"num_replicas={num_replicas} contradicts the plan's {plan.num_replicas} replicas")
+        _check_agrees("plan", plan, stage=stage, num_shards=num_shards, num_replicas=num_replicas)
         stage, num_shards, num_replicas = plan.stage, plan.num_shards, plan.num_replicas
         groups, rest, leaf_align, shard_align = plan.groups, plan.rest, plan.leaf_align, plan.shard_align
         if placement is None:
@@ -435,23 +430,27 @@ def estimate_memory(
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch=}")
     if isinstance(model, Binding):
-        b = model
-        if stage is not None and stage != b.stage:
-            raise ValueError(f"stage={stage} contradicts the binding's stage {b.stage}")
-        if num_shards is not None and num_shards != b.num_shards:
-            raise ValueError(f"num_shards={num_shards} contradicts the binding's {b.num_shards} shards")
-        if num_replicas is not None and num_replicas != b.num_replicas:
-            raise ValueError(f"num_replicas={num_replicas} contradicts the binding's {b.num_replicas} replicas")
-        if precision_given and precision != b.precision:
-            raise ValueError(f"precision {precision} contradicts the binding's {b.precision}")
-        if placement is not None:
-            b = _with_placement(b, placement)
+        b = _from_binding(model, stage, num_shards, num_replicas, precision if precision_given else None, placement)
     else:
         b = _planned(model, stage, num_shards, num_replicas, plan, precision, placement, groups, rest, num_groups,
                      leaf_align, shard_align)
     tx = _optimizer(tx)
     del compiled  # the same count either way (see above)
     return _estimate(b, tx, prefetch=prefetch, activations=activations)
+
+
+def _check_agrees(what: str, source, **given) -> None:
+    """Raise if a value the caller passed (not ``None``) contradicts ``source``'s attribute of that name."""
+    for key, value in given.items():
+        if value is not None and value != getattr(source, key):
+            raise ValueError(f"{key}={value} contradicts the {what}'s {key} {getattr(source, key)}")
+
+
+def _from_binding(b: Binding, stage, num_shards, num_replicas, precision, placement) -> Binding:
+    """An existing state's binding, checked against what the caller also passed (``None``: not
+    passed), with ``placement`` swapped in if given."""
+    _check_agrees("binding", b, stage=stage, num_shards=num_shards, num_replicas=num_replicas, precision=precision)
+    return b if placement is None else _with_placement(b, placement)
 
 
 def _estimate(b: Binding, tx, *, prefetch: int, activations: ActivationEstimate | None) -> MemoryEstimate:

@@ -204,6 +204,37 @@ def _check_stage(stage) -> int:
     return stage
 
 
+def _data_mesh(mesh: Mesh | None, axis: str, replicate: str | Sequence[str]) -> tuple[Mesh, tuple[str, ...]]:
+    """The mesh (default: torchrun's world over ``(*replicate, axis)``) and the replicate axes as a
+    tuple, each axis checked to be the mesh's."""
+    replicate = (replicate,) if isinstance(replicate, str) else tuple(replicate)
+    _check_replicate(replicate, axis)
+    if mesh is None:
+        mesh = Mesh.from_env((*replicate, axis))
+    for a in (axis, *replicate):
+        if a not in mesh.axis_names:
+            raise ValueError(f"axis {a!r} is not an axis of {mesh}")
+    return mesh, replicate
+
+
+def _check_host_update(placement: Mapping, delayed_update: bool, async_update: bool) -> None:
+    """The overlapped host updates need some optimizer state in host memory and none in a kind
+    whose updates write copies (NVMe files); the async update excludes the delayed one."""
+    kinds = kinds_named(placement, "opt_state")
+    overlappable = any(k.offloaded for k in kinds) and not any(k.copies for k in kinds)
+    if delayed_update and not overlappable:
+        raise ValueError(
+            f"delayed_update=True needs placement opt_state='cpu' (it overlaps the host update with "
+            f"the next step), got placement={placement!r}"
+        )
+    if async_update and (not overlappable or delayed_update):
+        raise ValueError(
+            "async_update=True needs placement opt_state='cpu' (or rules with 'cpu' and no 'nvme:') "
+            f"and no delayed_update (which is asynchronous already), got placement={placement!r}, "
+            f"{delayed_update=}"
+        )
+
+
 def zero(
     stage: int,
     *,
@@ -280,29 +311,9 @@ def zero(
     stage = _check_stage(stage)
     if batch not in ("global", "local"):
         raise ValueError(f"batch must be 'global' or 'local', got {batch=}")
-    replicate = (replicate,) if isinstance(replicate, str) else tuple(replicate)
-    _check_replicate(replicate, axis)
-    if mesh is None:
-        mesh = Mesh.from_env((*replicate, axis))
-    for a in (axis, *replicate):
-        if a not in mesh.axis_names:
-            raise ValueError(f"axis {a!r} is not an axis of {mesh}")
+    mesh, replicate = _data_mesh(mesh, axis, replicate)
     specs = STAGES[stage](axis, replicate)
     placement = parse_placement(placement, specs, stage=stage)
-    # The overlapped host updates need some optimizer state in host memory and none in a kind
-    # whose updates write copies (NVMe files).
-    kinds = kinds_named(placement, "opt_state")
-    overlappable = any(k.offloaded for k in kinds) and not any(k.copies for k in kinds)
-    if delayed_update and not overlappable:
-        raise ValueError(
-            f"delayed_update=True needs placement opt_state='cpu' (it overlaps the host update with "
-            f"the next step), got placement={placement!r}"
-        )
-    if async_update and (not overlappable or delayed_update):
-        raise ValueError(
-            "async_update=True needs placement opt_state='cpu' (or rules with 'cpu' and no 'nvme:') "
-            f"and no delayed_update (which is asynchronous already), got placement={placement!r}, "
-            f"{delayed_update=}"
-        )
+    _check_host_update(placement, delayed_update, async_update)
     return Plan(stage, mesh, specs, groups, rest, placement, batch, leaf_align, shard_align, bool(delayed_update),
                 bool(async_update))

@@ -131,29 +131,37 @@ def choose_stage(
     for label, stage in candidates(labels):
         est = estimate_memory(model, stage=stage, num_shards=num_shards, num_replicas=num_replicas,
                               placement=OFFLOADS[label], **kw)
-        cpu_node, nvme_node = est.cpu * per_node, est.nvme * per_node
-        over = []
-        if est.gpu > usable:
-            over.append(f"GPU {format_bytes(est.gpu)} > {format_bytes(usable)}")
-        if cpu_bytes is not None and cpu_node > cpu_bytes:
-            over.append(f"CPU {format_bytes(cpu_node)}/node > {format_bytes(cpu_bytes)}")
-        if nvme_bytes is not None and nvme_node > nvme_bytes:
-            over.append(f"NVMe {format_bytes(nvme_node)}/node > {format_bytes(nvme_bytes)}")
-        if over:
-            reason = "needs " + "; ".join(over)
-        else:
-            reason = f"fits, {format_bytes(usable - est.gpu)} GPU headroom"
-        out.append(Candidate(stage, label, est, not over, reason, est.gpu, cpu_node, nvme_node))
+        out.append(_judge(stage, label, est, usable, per_node, cpu_bytes, nvme_bytes))
     best = next((c for c in out if c.fits), None)
-    if best is None:
-        why = "nothing fits: " + min(out, key=lambda c: c.gpu).reason
+    return StageChoice(best, tuple(out), _explain(out, best))
+
+
+def _judge(stage: int, label: str, est, usable: int, per_node: int, cpu_bytes, nvme_bytes) -> Candidate:
+    """One candidate against the budgets: GPU per rank, CPU and NVMe per node."""
+    cpu_node, nvme_node = est.cpu * per_node, est.nvme * per_node
+    over = []
+    if est.gpu > usable:
+        over.append(f"GPU {format_bytes(est.gpu)} > {format_bytes(usable)}")
+    if cpu_bytes is not None and cpu_node > cpu_bytes:
+        over.append(f"CPU {format_bytes(cpu_node)}/node > {format_bytes(cpu_bytes)}")
+    if nvme_bytes is not None and nvme_node > nvme_bytes:
+        over.append(f"NVMe {format_bytes(nvme_node)}/node > {format_bytes(nvme_bytes)}")
+    if over:
+        reason = "needs " + "; ".join(over)
     else:
-        skipped = [c for c in out[: out.index(best)]]
-        lines = [f"stage {best.stage}, offload {best.offload}: the first candidate that fits ({best.reason})."]
-        if skipped:
-            lines.append("Faster candidates rejected: " + "; ".join(
-                f"stage {c.stage}/{c.offload} {c.reason}" for c in skipped
-            ) + ".")
-        lines.append(SPEED_ORDER)
-        why = "\n".join(lines)
-    return StageChoice(best, tuple(out), why)
+        reason = f"fits, {format_bytes(usable - est.gpu)} GPU headroom"
+    return Candidate(stage, label, est, not over, reason, est.gpu, cpu_node, nvme_node)
+
+
+def _explain(out: list[Candidate], best: Candidate | None) -> str:
+    """Why ``best`` was chosen (or why nothing fits), naming the faster candidates rejected."""
+    if best is None:
+        return "nothing fits: " + min(out, key=lambda c: c.gpu).reason
+    skipped = out[: out.index(best)]
+    lines = [f"stage {best.stage}, offload {best.offload}: the first candidate that fits ({best.reason})."]
+    if skipped:
+        lines.append("Faster candidates rejected: " + "; ".join(
+            f"stage {c.stage}/{c.offload} {c.reason}" for c in skipped
+        ) + ".")
+    lines.append(SPEED_ORDER)
+    return "\n".join(lines)
