@@ -192,7 +192,7 @@ def zero(
         raise ValueError(f"batch must be 'global' or 'local', got {batch=}")
     if mesh is None:
         mesh = Mesh.from_env((axis,))
-    if axis not in mesh.axis_names:
+    if axis not in mesh.axes:
         raise ValueError(f"axis {axis!r} is not an axis of {mesh}")
     specs = STAGES[stage](axis)
     placement = parse_placement(placement, specs, stage=stage)
