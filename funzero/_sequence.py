@@ -176,12 +176,12 @@ def _apply_hf(model: nn.Module, sp: _Axis) -> None:
     model.set_attn_implementation(impl)
 
     def positions(module, args, kwargs):
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError("sequence parallelism takes no attention_mask (causal, unpadded sequences); got one")
         if kwargs.get("position_ids") is None:
             x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
             x = x if x is not None else args[0]
             kwargs["position_ids"] = _global_positions(sp, x.shape[1], x.device).unsqueeze(0)
-        if kwargs.get("attention_mask") is not None:
-            raise ValueError("sequence parallelism takes no attention_mask (causal, unpadded sequences); got one")
         return args, kwargs
 
     model.base_model.register_forward_pre_hook(positions, with_kwargs=True)
