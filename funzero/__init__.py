@@ -101,3 +101,7 @@ __all__ = [
     "tp_layout",
 ]
 
+# sequence parallelism (issue 23)
+from funzero._sequence import SequenceBatch, sequence_parallel, split_sequence, ulysses_attention
+
+__all__ += ["SequenceBatch", "sequence_parallel", "split_sequence", "ulysses_attention"]

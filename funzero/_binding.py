@@ -12,6 +12,7 @@ from torch import nn
 from funzero._placement import Placement
 from funzero._plan import Plan, StateSpecs
 from funzero._precision import Precision
+from funzero._sequence import check_sequence_plan
 from funzero._tp import tp_layout
 from shardspec import FlatLayout, assign_groups, build_layouts
 
@@ -92,6 +93,7 @@ def bind(model: nn.Module, plan: Plan, precision: Precision, *, training: bool =
         shard_align=plan.shard_align,
     )
     owners = {g: _common_prefix([a for p in lay.paths for a in aliases[p]]) for g, lay in layouts.items()}
+    check_sequence_plan(model, plan)
     b = from_layouts(plan, layouts, precision, paths=paths, aliases=aliases, owners=owners, training=training)
     return dataclasses.replace(b, tp=tp_layout(model))
 

@@ -41,6 +41,7 @@ __all__ = [
     "CommCounter",
     "all_gather",
     "all_reduce",
+    "all_to_all",
     "broadcast",
     "count_comm",
     "reduce_scatter",
@@ -245,6 +246,27 @@ def all_reduce(x: torch.Tensor, mesh: Mesh, axis: str | tuple[str, ...] = "dp", 
             dist.all_reduce(out, op=rop, group=group)
         return out.div_(n) if divide else out
     return fc.wait_tensor(fc.all_reduce(x.contiguous(), op, group))
+
+
+def all_to_all(x: torch.Tensor, mesh: Mesh, axis: str, *, tag: str = "sp") -> torch.Tensor:
+    """Row ``i`` of ``x`` (dim 0, one row per rank of ``axis``) goes to rank ``i``; row ``i`` of the
+    result came from rank ``i``. Its own inverse; counted as ``x.numel()`` elements.
+
+    Example:
+        >>> y = all_to_all(x, mesh, "sp")  # x: (sp, ...) -> y: (sp, ...), y[i] is rank i's x[me]
+    """
+    group = mesh.group(axis)
+    if group is None:
+        return x
+    if x.shape[0] != mesh.size(axis):
+        raise ValueError(f"all_to_all over {mesh.size(axis)} ranks of {axis!r} needs dim 0 of that size, got {tuple(x.shape)}")
+    _record("all_to_all", tag, x.numel(), x.element_size(), x, axis)
+    if _eager():
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        with _named("all_to_all", tag, group, axis):
+            dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+    return fc.wait_tensor(fc.all_to_all_single(x.contiguous(), None, None, group))
 
 
 def broadcast(x: torch.Tensor, mesh: Mesh, axis: str | tuple[str, ...] = "dp", *, src: int = 0,

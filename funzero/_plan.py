@@ -212,7 +212,7 @@ def _data_mesh(mesh: Mesh | None, axis: str, replicate: str | Sequence[str]) -> 
     if mesh is None:
         mesh = Mesh.from_env((*replicate, axis))
     for a in (axis, *replicate):
-        if a not in mesh.axis_names:
+        if a not in mesh.axes:
             raise ValueError(f"axis {a!r} is not an axis of {mesh}")
     return mesh, replicate
 

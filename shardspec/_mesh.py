@@ -18,6 +18,10 @@ class Mesh:
     A one-rank world needs no process group at all: every axis has size 1 and collectives on it
     are the identity, so the same program runs under ``python`` and under ``torchrun``.
 
+    Axes may be flattened into one named axis (:meth:`flatten`), e.g. ``"dp_sp"`` over ``("dp",
+    "sp")``: it has the ranks of both, numbered row-major, and ``size``/``rank``/``group`` take its
+    name like any other axis's.
+
     Example:
         >>> mesh = Mesh.from_env(("dp",))      # torchrun's world, or one process
         >>> mesh.size("dp"), mesh.rank("dp")
@@ -44,6 +48,7 @@ class Mesh:
         self.device_type = device_type
         self._mesh = device_mesh
         self._joint: dict = {}  # group_over's flattened groups, by axes
+        self._flat: dict[str, tuple[str, ...]] = {}  # flatten's axes: name -> the axes it spans, in order
 
     @classmethod
     def from_env(
@@ -103,21 +108,66 @@ class Mesh:
             if group is not None and group is not dist.distributed_c10d._get_default_group():
                 group.set_timeout(timeout)
 
+    def flatten(self, axes: Sequence[str], name: str) -> "Mesh":
+        """This mesh with one more axis, ``name``, spanning ``axes`` (in mesh order) as one.
+
+        Its ranks are numbered row-major over ``axes`` (the last one fastest), and its group holds
+        every rank that shares this rank's coordinates on the other axes. Every rank must call it
+        (making the group is a collective), as for :meth:`from_env`.
+
+        Example:
+            >>> mesh = Mesh.from_env(("dp", "sp"), (2, 2)).flatten(("dp", "sp"), "dp_sp")
+            >>> mesh.size("dp_sp"), mesh.rank("dp_sp") == 2 * mesh.rank("dp") + mesh.rank("sp")
+            (4, True)
+        """
+        axes = tuple(axes)
+        for axis in axes:
+            self._axis_index(axis)
+        if len(axes) < 2 or sorted(axes, key=self.axis_names.index) != list(axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"flatten takes two or more axes of {self.axis_names} in mesh order, got {axes}")
+        if name in self.axes:
+            raise ValueError(f"axis name {name!r} is taken already; the mesh has axes {self.axes}")
+        mesh = Mesh(self.axis_names, self.shape, device_type=self.device_type, device_mesh=self._mesh)
+        mesh._flat = {**self._flat, name: axes}
+        mesh._joint = self._joint  # groups made once, shared by the meshes flattened from this one
+        if self._mesh is not None:
+            mesh.group(name)  # made now, while every rank is here
+        return mesh
+
+    def _components(self, axes: Sequence[str]) -> list[str]:
+        """``axes`` with each flattened axis replaced by the axes it spans (each checked)."""
+        out = []
+        for a in axes:
+            out.extend(self._flat[a] if a in self._flat else [self.axis_names[self._axis_index(a)]])
+        return out
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Every axis name ``size``/``rank``/``group`` take: the mesh's own, then flattened ones."""
+        return self.axis_names + tuple(self._flat)
+
     # ---------------------------------------------------------------------------------------
     def _axis_index(self, axis: str) -> int:
         try:
             return self.axis_names.index(axis)
         except ValueError:
-            raise ValueError(f"mesh has axes {self.axis_names}, not {axis!r}") from None
+            raise ValueError(f"mesh has axes {self.axes}, not {axis!r}") from None
 
     def size(self, axis: str | None = None) -> int:
         """Ranks along ``axis`` (all ranks when ``axis`` is None)."""
         if axis is None:
             return int(torch.tensor(self.shape).prod())
+        if axis in self._flat:
+            return int(torch.tensor([self.size(a) for a in self._flat[axis]]).prod())
         return self.shape[self._axis_index(axis)]
 
     def rank(self, axis: str) -> int:
         """This process's coordinate along ``axis``."""
+        if axis in self._flat:
+            rank = 0
+            for a in self._flat[axis]:
+                rank = rank * self.size(a) + self.rank(a)
+            return rank
         i = self._axis_index(axis)
         if self.shape[i] == 1:
             return 0
@@ -126,6 +176,8 @@ class Mesh:
 
     def group(self, axis: str) -> "dist.ProcessGroup | None":
         """The process group of ``axis``; ``None`` for an axis of size 1 (no communication)."""
+        if axis in self._flat:
+            return self.group_over(self._flat[axis])
         i = self._axis_index(axis)
         if self.shape[i] == 1:
             return None
@@ -136,7 +188,8 @@ class Mesh:
         """The process group of several axes taken as one (their ranks flattened in mesh order,
         outermost first): the ranks that share this process's coordinates on every other axis.
 
-        ``None`` where those axes hold one rank; the axis's own group where only one of them has
+        Flattened axes (:meth:`flatten`) stand for the axes they span. ``None`` where those axes
+        hold one rank; the axis's own group where only one of them has
         more than one rank. Made once per set of axes (a collective over the world the first
         time: every rank must ask for the same axes in the same order).
 
@@ -145,7 +198,7 @@ class Mesh:
             >>> mesh.group_over(("replicate", "shard")) is None
             True
         """
-        named = {self._axis_index(a) for a in axes}
+        named = {self._axis_index(a) for a in self._components(axes)}
         wide = tuple(a for i, a in enumerate(self.axis_names) if i in named and self.shape[i] > 1)
         if len(wide) <= 1:
             return self.group(wide[0]) if wide else None
@@ -163,5 +216,6 @@ class Mesh:
         return torch.device(self.device_type)
 
     def __repr__(self) -> str:
-        axes = ", ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.shape))
-        return f"Mesh({axes}, device_type={self.device_type!r})"
+        axes = [f"{n}={s}" for n, s in zip(self.axis_names, self.shape)]
+        axes += [f"{n}={'x'.join(parts)}" for n, parts in self._flat.items()]
+        return f"Mesh({', '.join(axes)}, device_type={self.device_type!r})"

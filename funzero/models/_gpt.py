@@ -103,6 +103,8 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    attention = staticmethod(F.scaled_dot_product_attention)  # funzero.sequence_parallel sets its own
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
@@ -121,7 +123,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.c_attn(x).split(width, dim=2)
             # (B, nh, T, hs)
             q, k, v = (t.view(B, T, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
+        y = self.attention(q, k, v, is_causal=True)  # flash attention on GPU
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
         return F.linear(y, self.c_proj.weight) if self.bias_outside else self.c_proj(y)
 
