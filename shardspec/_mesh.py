@@ -12,6 +12,13 @@ import torch.distributed as dist
 __all__ = ["Mesh"]
 
 
+def _default_device_type() -> str:
+    """cpu for an initialised group whose backend has no GPU transport (gloo), else cuda if present."""
+    if dist.is_initialized() and "nccl" not in str(dist.get_backend()).lower():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class Mesh:
     """Named axes of ranks, e.g. ``("dp",)``; backed by a ``DeviceMesh`` when the world has > 1 rank.
 
@@ -67,12 +74,14 @@ class Mesh:
         Args:
             axis_names: names of the axes, outermost first.
             shape: sizes of the axes; ``None`` puts the whole world on the last axis.
-            device_type: ``"cuda"`` or ``"cpu"``; defaults to cuda when available.
+            device_type: ``"cuda"`` or ``"cpu"``; defaults to what an initialised default group
+                runs on (cpu for a gloo-only group, even on a machine with GPUs), else to cuda when
+                available.
             backend: process-group backend when one must be initialised (nccl on cuda, else gloo),
                 with a collective timeout of ``FUNZERO_TIMEOUT_S`` seconds (default 600).
         """
         if device_type is None:
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            device_type = _default_device_type()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if not dist.is_initialized() and world > 1:
             if device_type == "cuda":

@@ -120,6 +120,22 @@ def test_one_process_mesh_needs_no_launcher():
     assert repr(Shard("dp")) == "Shard('dp')" and repr(Replicate()) == "Replicate()"
 
 
+def _mesh_on_a_gpu_machine(rank, world):
+    torch.cuda.is_available = lambda: True  # as on a GPU machine: the group below is gloo all the same
+    mesh = Mesh.from_env(("dp",))
+    x = torch.full((1,), float(rank))
+    torch.distributed.all_reduce(x, group=mesh.group("dp"))
+    return mesh.device_type, x.item()
+
+
+def test_a_gloo_world_meshes_on_cpu_even_where_cuda_is_available():
+    """A gloo default group on a GPU machine (tests, CPU-only jobs) gets a cpu mesh, not a cuda
+    one its backend cannot serve (on the GPU box that hung the spawned test worlds)."""
+    from tests._dist import run_world
+
+    assert run_world(_mesh_on_a_gpu_machine, 2) == [("cpu", 1.0), ("cpu", 1.0)]
+
+
 def test_leaf_paths_of_nested_trees():
     tree = {"a": [torch.zeros(1), {"b": torch.ones(2)}]}
     assert list(leaf_paths(tree)) == ["a.0", "a.1.b"]
