@@ -123,6 +123,11 @@ def _accounting(rank, world, stage, accumulate, micro_steps):
     return out
 
 
+def _accountings(rank, world, cases):
+    """:func:`_accounting` of each ``(stage, accumulate, micro_steps)`` in one spawned world."""
+    return [_accounting(rank, world, *case) for case in cases]
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_state_memory_gradients_and_traffic_match_zero_formulas(world):
     """ZeRO paper formulas per rank (P = padded elements, N = world), bf16 + fp32 master/mu/nu:
@@ -130,9 +135,9 @@ def test_state_memory_gradients_and_traffic_match_zero_formulas(world):
     model states 2P+12P (stage 0), 2P+12P/N (1, 2), 14P/N (3); gradient held after backward
     P (0, 1) or P/N (2, 3); elements moved per optimizer step 2P (0-2) or 3P (3).
     """
+    by_rank = run_world(_accountings, world, [(stage, 1, 1) for stage in (0, 1, 2, 3)])
     for stage in (0, 1, 2, 3):
-        r = run_world(_accounting, world, stage, 1, 1)
-        for out in r:
+        for out in (r[stage] for r in by_rank):
             P, N = out["padded"], world
             param_elems = P if stage < 3 else P // N
             opt_elems = P if stage == 0 else P // N
@@ -151,8 +156,7 @@ def test_state_memory_gradients_and_traffic_match_zero_formulas(world):
 
 def test_stage1_reduces_once_per_optimizer_step_stage2_per_micro_batch():
     k, micro = 2, 4  # two optimizer steps of two micro-batches each
-    s1 = run_world(_accounting, 2, 1, k, micro)[0]
-    s2 = run_world(_accounting, 2, 2, k, micro)[0]
+    s1, s2 = run_world(_accountings, 2, [(1, k, micro), (2, k, micro)])[0]
     G = s1["groups"]
     assert s1["grad_reduce_calls"] == (micro // k) * G
     assert s2["grad_reduce_calls"] == micro * G
