@@ -9,21 +9,32 @@ A checkpoint is a directory of steps::
         __<rank>_0.distcp           DCP's: the chunks rank <rank> wrote
         funzero.json                ours, written last: a crc32 of every chunk, groups, ties
 
-What DCP sees is a nested state dict of tensors in their *leaf* shapes: ``params.<leaf>``,
-``master.<leaf>`` and ``opt_state.<tree path>.<leaf>`` for every per-group buffer of the state,
-and ``step``, ``scaler.<i>``, ``opt_state.<tree path>`` for the small tensors. A rank's part of a
-group's flat buffer is a flat range of each leaf it overlaps; a flat range of a row-major tensor
-is a few boxes (a partial row, whole rows, a partial row, recursively: :func:`flat_boxes`), and
-a box is what DCP calls a chunk. So a funzero checkpoint is an ordinary DCP checkpoint of
-full-shaped tensors: ``dcp.load({"params": {name: tensor}}, checkpoint_id=step_dir)`` or
-``format_utils.dcp_to_torch_save`` read it without funzero, and a state of any world size and
-stage loads it by asking, leaf by leaf, for the chunks that overlap what it holds.
+What DCP sees is a nested state dict of tensors in their *whole* (logical) shapes, whatever the
+layout that wrote them: ``params.<leaf>``, ``master.<leaf>`` and ``opt_state.<tree path>.<leaf>``
+for every per-group buffer of the state, and ``step``, ``scaler.<i>``, ``opt_state.<tree path>``
+for the small tensors. A rank's part of a group's flat buffer is a flat range of each leaf it
+overlaps; a flat range of a row-major tensor is a few boxes (a partial row, whole rows, a partial
+row, recursively: :func:`flat_boxes`), and a box is what DCP calls a chunk. A leaf split over
+tensor-parallel ranks is held as this rank's slice of the whole tensor (``shardspec.shard_of``):
+each box of the slice is cut where the split dim passes from one section's slice to the next and
+written at its offsets in the whole tensor. So a funzero checkpoint is an ordinary DCP checkpoint
+of full-shaped tensors: ``dcp.load({"params": {name: tensor}}, checkpoint_id=step_dir)`` or
+``format_utils.dcp_to_torch_save`` read it without funzero, and a state of any world size, stage
+and tensor-parallel split loads it by asking, leaf by leaf, for the chunks that overlap what it
+holds.
 
 Each rank writes the part of every buffer that its shard range covers, whether the buffer is a
 shard or replicated (stages 0-2 keep full parameters: each rank writes a different slice, so
 the I/O is spread evenly). Small tensors are written by rank 0. Under hierarchical sharding the
 ranks of the first replica write and the other replicas, which hold the same shards, write
-nothing; on load every rank reads what it holds, whatever wrote it.
+nothing; under tensor parallelism every tp rank writes its slices of the split leaves and the
+first tp rank the leaves every tp rank holds whole. On load every rank reads what it holds,
+whatever wrote it.
+
+``funzero.json`` records each chunk as ``[lo, hi, crc32]``, its flat range in the whole leaf,
+where it is one (always, without tensor parallelism), else as ``[offsets, sizes, crc32]`` (rows
+of a leaf split along dim 1, say, which cover a slice of its columns). Version 1 indexes (flat
+ranges only) read as before.
 
 Integrity (nothing is ever silently wrong):
 
@@ -77,16 +88,16 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
-from funzero._tp import refuse_checkpoint
 from funzero._plan import Plan
 from funzero._state import TrainState
-from shardspec import is_sharded
+from shardspec import Shard, is_sharded
 
 __all__ = ["flat_boxes", "load_state", "save_state", "wait_saves"]
 
 INDEX = "funzero.json"
 FORMAT = "funzero-dcp"
-VERSION = 1
+VERSION = 2  # 2: a piece may be a box ([offsets, sizes, crc32]); leaves split over tp are stored whole
+_READS = (1, 2)
 _NAME = re.compile(r"step-\d+-[0-9a-f]{8}")
 _PARTS = ("step", "params", "master", "opt_state", "scaler")
 
@@ -148,6 +159,50 @@ def _ravel(offsets, shape) -> int:
     return i
 
 
+def overlap(a_offsets, a_sizes, b_offsets, b_sizes) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The box two boxes ``(offsets, sizes)`` share, or None where they share no element."""
+    lo = [max(a, b) for a, b in zip(a_offsets, b_offsets)]
+    hi = [min(a + m, b + n) for a, m, b, n in zip(a_offsets, a_sizes, b_offsets, b_sizes)]
+    if any(z <= a for a, z in zip(lo, hi)):
+        return None
+    return tuple(lo), tuple(z - a for a, z in zip(lo, hi))
+
+
+def _narrow(t: torch.Tensor, t_offsets, offsets, sizes) -> torch.Tensor:
+    """The part of ``t`` (a box of a larger tensor, at ``t_offsets``) that is the box ``offsets``, ``sizes``."""
+    for d, (o, base, n) in enumerate(zip(offsets, t_offsets, sizes)):
+        t = t.narrow(d, o - base, n)
+    return t
+
+
+def copy_overlap(dst: torch.Tensor, dst_offsets, src: torch.Tensor, src_offsets) -> None:
+    """Copy into ``dst`` the elements it shares with ``src``; both are boxes of one tensor, at
+    their offsets in it."""
+    box = overlap(dst_offsets, dst.shape, src_offsets, src.shape)
+    if box is not None:
+        _narrow(dst, dst_offsets, *box).copy_(_narrow(src, src_offsets, *box))
+
+
+def _is_run(shape, offsets, sizes) -> bool:
+    """Whether box ``offsets``, ``sizes`` of a tensor of ``shape`` is one run of its flat elements."""
+    p = _ravel(offsets, shape)
+    return flat_boxes(shape, p, p + math.prod(sizes)) == [(tuple(offsets), tuple(sizes))]
+
+
+def _split_runs(spec: Shard, whole: int, rank: int, size: int, start: int, n: int) -> list[tuple[int, int, int]]:
+    """Indices ``[start, start + n)`` of the split dim of rank ``rank``'s slice as runs of the whole
+    dim (of ``whole`` elements): ``(index in the whole dim, index in the slice, length)``. The slice
+    is the rank-th part of each section, concatenated (``shardspec.shard_of``)."""
+    out, local, first = [], 0, 0
+    for section in spec.sections or (whole,):
+        w = section // size
+        a, z = max(start, local), min(start + n, local + w)
+        if a < z:
+            out.append((first + rank * w + a - local, a, z - a))
+        local, first = local + w, first + section
+    return out
+
+
 def crc32(t: torch.Tensor) -> int:
     """crc32 of a CPU tensor's bytes (row-major)."""
     t = t.detach().contiguous().reshape(-1)
@@ -161,8 +216,11 @@ def crc32(t: torch.Tensor) -> int:
 class _Leaf:
     """One tensor of the checkpoint, as this rank's state holds it.
 
-    ``held`` / ``write``: ``[a, z)`` of the leaf (flat) that this rank's buffer holds / that this
-    rank writes; leaf element ``i`` is ``buffer.view(-1)[base + i]``.
+    ``shape`` is the whole tensor's; this rank's buffer holds it as ``local``, which is ``shape``
+    unless the leaf is split over tensor-parallel ranks (``split``: its spec there; ``tp``: this
+    rank's ``(rank, size)`` on that axis). ``held`` / ``write``: ``[a, z)`` of the local tensor
+    (flat) that this rank's buffer holds / that this rank writes; local element ``i`` is
+    ``buffer.view(-1)[base + i]``.
     """
 
     fqn: str
@@ -174,10 +232,30 @@ class _Leaf:
     held: tuple[int, int]
     write: tuple[int, int]
     base: int
+    local: tuple[int, ...]
+    split: Shard | None = None
+    tp: tuple[int, int] = (0, 1)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def blocks(self, a: int, z: int) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """Local elements ``[a, z)`` as boxes of the whole tensor: ``(offsets there, a view of the
+        buffer)``. A box of the local tensor is one box of the whole, or, under a tp split with
+        sections, one per section's slice it crosses."""
+        flat = self.buffer.detach().view(-1)
+        out = []
+        for offsets, sizes in flat_boxes(self.local, a, z):
+            p = self.base + _ravel(offsets, self.local)
+            block = flat[p : p + math.prod(sizes)].view(sizes)
+            if self.split is None:
+                out.append((offsets, block))
+                continue
+            d = self.split.dim
+            for at, local, n in _split_runs(self.split, self.shape[d], *self.tp, offsets[d], sizes[d]):
+                out.append((offsets[:d] + (at,) + offsets[d + 1 :], block.narrow(d, local - offsets[d], n)))
+        return out
 
 
 def _held_range(t: torch.Tensor, layout, rank: int) -> tuple[int, int]:
@@ -205,6 +283,8 @@ def _leaves(state: TrainState, rank: int, writes: bool = True) -> list[_Leaf]:
     """Every tensor of the checkpoint with where this rank's state holds it (``rank``: on the
     shard axis) and what it writes (nothing unless ``writes``: a replica's copy)."""
     b = state.binding
+    tp = b.tp if b.tp is not None and b.tp.size > 1 else None
+    coords = (tp.rank, tp.size) if tp is not None else (0, 1)
     out = []
     for part in _PARTS:
         tree = getattr(state, part)
@@ -216,17 +296,21 @@ def _leaves(state: TrainState, rank: int, writes: bool = True) -> list[_Leaf]:
             if g is None:
                 nest = (part, ".".join(names)) if names else (part,)
                 n = t.numel()
+                mine = rank == 0 and writes and coords[0] == 0
                 out.append(_Leaf(".".join(nest), nest, tuple(t.shape), t.dtype, t, None, (0, n),
-                                 (0, n) if rank == 0 and writes else (0, 0), 0))
+                                 (0, n) if mine else (0, 0), 0, tuple(t.shape)))
                 continue
             lay = b.layouts[g]
             lo, hi = _held_range(t, lay, rank)
-            wlo, whi = lay.shard_range(rank) if writes else (0, 0)
             prefix = ".".join(names[:-1])
             for s in lay.slots:
                 nest = (part, prefix, s.path) if prefix else (part, s.path)
-                out.append(_Leaf(".".join(nest), nest, s.shape, t.dtype, t, g, _clip(lo, hi, s), _clip(wlo, whi, s),
-                                 s.offset - lo))
+                split = tp.specs.get(s.path) if tp is not None else None
+                whole = tuple(tp.shapes[s.path]) if split is not None else s.shape
+                # a leaf every tp rank holds whole is written by the first of them
+                wlo, whi = lay.shard_range(rank) if writes and (split is not None or coords[0] == 0) else (0, 0)
+                out.append(_Leaf(".".join(nest), nest, whole, t.dtype, t, g, _clip(lo, hi, s), _clip(wlo, whi, s),
+                                 s.offset - lo, s.shape, split, coords))
     return out
 
 
@@ -293,6 +377,20 @@ def _set(tree: dict, nest: tuple[str, ...], value) -> None:
     tree[nest[-1]] = value
 
 
+def _record(shape, offsets, sizes, crc: int) -> list:
+    """A piece as the index records it: ``[lo, hi, crc32]`` where it is one flat run of the leaf,
+    else ``[offsets, sizes, crc32]``."""
+    if _is_run(shape, offsets, sizes):
+        p = _ravel(offsets, shape)
+        return [p, p + math.prod(sizes), crc]
+    return [list(offsets), list(sizes), crc]
+
+
+def _first_element(shape, piece: list) -> int:
+    """Where a piece record starts in the flat leaf (the order of the index's pieces)."""
+    return piece[0] if isinstance(piece[0], int) else _ravel(piece[0], shape)
+
+
 def _stage(leaves: list[_Leaf], first: bool) -> tuple[dict, dict]:
     """Host copies of the chunks this rank writes (a nested DCP state dict of :class:`_Pieces`),
     and their records for the index (with each chunk's crc32); ``first``: the rank that writes
@@ -304,27 +402,29 @@ def _stage(leaves: list[_Leaf], first: bool) -> tuple[dict, dict]:
         empty = leaf.numel == 0 and first
         if z <= a and not empty:
             continue
-        flat = leaf.buffer.detach().reshape(-1)
         pieces, rec = [], []
         if empty:
             pieces.append(((0,) * len(leaf.shape), torch.empty(leaf.shape, dtype=leaf.dtype)))
             rec.append([0, 0, crc32(pieces[-1][1])])
-        for offsets, sizes in flat_boxes(leaf.shape, a, z):
-            p = _ravel(offsets, leaf.shape)
-            n = math.prod(sizes)
-            piece = flat[leaf.base + p : leaf.base + p + n].to("cpu", copy=True).view(sizes)
+        for offsets, view in leaf.blocks(a, z):
+            piece = torch.empty(view.shape, dtype=leaf.dtype)
+            piece.copy_(view)
             pieces.append((offsets, piece))
-            rec.append([p, p + n, crc32(piece)])
+            rec.append(_record(leaf.shape, offsets, tuple(piece.shape), crc32(piece)))
         _set(sd, leaf.nest, _Pieces(leaf.shape, leaf.dtype, pieces))
         records[leaf.fqn] = dict(nest=list(leaf.nest), group=leaf.group, shape=list(leaf.shape),
                                  dtype=str(leaf.dtype).removeprefix("torch."), pieces=rec)
     return sd, records
 
 
-def _world(plan: Plan):
-    """``(rank on the shard axis, rank in the data-parallel world, its group)``: a save or load is
-    a collective over every data-parallel rank, replicas included."""
-    return plan.rank, plan.data_rank, plan.mesh.group_over(plan.data_axes)
+def _world(plan: Plan, b) -> tuple[int, Any]:
+    """``(rank on the shard axis, the group)``: a save or load is a collective over every
+    data-parallel rank, replicas included, and every tensor-parallel rank (each holds its own
+    slices of the split leaves)."""
+    axes = plan.data_axes
+    if b.tp is not None and b.tp.size > 1:
+        axes = (*axes, b.tp.axis)
+    return plan.rank, plan.mesh.group_over(axes)
 
 
 def _describe(e: BaseException) -> str:
@@ -438,7 +538,7 @@ class _Job:
                         else:
                             entries[fqn] = rec
                 for rec in entries.values():
-                    rec["pieces"].sort()
+                    rec["pieces"].sort(key=lambda p, shape=rec["shape"]: _first_element(shape, p))
                 _write_atomic(os.path.join(self.path, INDEX), json.dumps(dict(self.meta, entries=entries)))
                 _write_atomic(os.path.join(self.directory, "LATEST"), self.name)
             except Exception as e:  # noqa: BLE001
@@ -498,10 +598,12 @@ def _async_group(group):
 
 
 def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2, async_save: bool = False) -> str:
-    """Write ``state`` as a new checkpoint step under ``directory``; a collective over ``plan``'s ranks.
+    """Write ``state`` as a new checkpoint step under ``directory``; a collective over ``plan``'s ranks
+    (and the model's tensor-parallel ranks).
 
-    Each rank writes its own pieces (``torch.distributed.checkpoint``); the step becomes the
-    latest only once every rank has written. See the module docstring for the format.
+    Each rank writes its own pieces of the whole tensors (``torch.distributed.checkpoint``); the
+    step becomes the latest only once every rank has written. See the module docstring for the
+    format.
 
     Args:
         state: the state to save (not modified).
@@ -522,17 +624,17 @@ def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2, 
             and the previous checkpoint stays the latest.
     """
     state.check_alive("save_state")
-    refuse_checkpoint(state.binding, "save_state")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep=}")
     wait_saves()
     state.binding.placement.sync()  # a delayed host update still running would be saved half-done
-    rank, world_rank, group = _world(plan)
     b = state.binding
+    rank, group = _world(plan, b)
+    me = 0 if group is None else dist.get_rank(group)
     error, staged = None, None
     try:
         _check_replicated(state)
-        staged = _stage(_leaves(state, rank, writes=plan.replica == 0), world_rank == 0)
+        staged = _stage(_leaves(state, rank, writes=plan.replica == 0), me == 0)
         os.makedirs(directory, exist_ok=True)
     except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
         error = e
@@ -545,8 +647,9 @@ def save_state(state: TrainState, plan: Plan, directory: str, *, keep: int = 2, 
         param_dtype=str(b.precision.param_dtype).removeprefix("torch."),
         groups={g: dict(numel=lay.numel, leaves=list(lay.paths)) for g, lay in b.layouts.items()},
         aliases={p: list(names) for p, names in b.aliases.items()},
+        tensor_parallel=dict(axis=b.tp.axis, size=b.tp.size) if b.tp is not None else None,  # of the writer
     )
-    job = _Job(staged[0], staged[1], meta, directory, votes[0][1], keep, world_rank, group)
+    job = _Job(staged[0], staged[1], meta, directory, votes[0][1], keep, me, group)
     del staged
     if not async_save:
         job.run()
@@ -619,8 +722,9 @@ def read_index(path: str) -> dict:
         raise ValueError(f"checkpoint index {file!r} is unreadable: {e}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("entries"), dict):
         raise ValueError(f"checkpoint index {file!r} is not a {FORMAT} index")
-    if index.get("version") != VERSION:
-        raise ValueError(f"checkpoint index {file!r} has version {index.get('version')!r}; this funzero reads {VERSION}")
+    if index.get("version") not in _READS:
+        raise ValueError(f"checkpoint index {file!r} has version {index.get('version')!r}; this funzero reads "
+                         f"versions {', '.join(map(str, _READS))}")
     return index
 
 
@@ -637,23 +741,90 @@ def read_metadata(path: str) -> Metadata:
 
 @dataclass
 class Piece:
-    """One chunk of a leaf in a checkpoint: leaf elements ``[lo, hi)``, a box at ``offsets``."""
+    """One chunk of a leaf in a checkpoint: the box ``offsets``, ``sizes`` of the whole leaf."""
 
     fqn: str
-    lo: int
-    hi: int
-    crc: int
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
+    crc: int
     dtype: torch.dtype
     file: str  # absolute path of the DCP file holding it
     at: int  # its byte offset and length there
     length: int
+    shape: tuple[int, ...]  # the whole leaf's
+
+    @property
+    def what(self) -> str:
+        """The piece in words: its flat range where it is one run of the leaf, else its box."""
+        if _is_run(self.shape, self.offsets, self.sizes):
+            p = _ravel(self.offsets, self.shape)
+            return f"elements [{p}, {p + math.prod(self.sizes)})"
+        return f"the block at {self.offsets} of size {self.sizes}"
 
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _flat_tiling(where: str, shape: tuple[int, ...], pieces: list) -> list[tuple]:
+    """Flat-range pieces ``[lo, hi, crc]`` that tile the leaf in order, as ``(offsets, sizes, crc,
+    words)``."""
+    numel = math.prod(shape)
+    out, pos = [], 0
+    for lo, hi, crc in sorted(tuple(p) for p in pieces):
+        if numel == 0:
+            break
+        if lo != pos or hi <= lo or hi > numel:
+            raise ValueError(f"{where}: its pieces do not tile its {numel} elements ({INDEX} has a piece "
+                             f"[{lo}, {hi}) where element {pos} should start one)")
+        boxes = flat_boxes(shape, lo, hi)
+        if len(boxes) != 1:
+            raise ValueError(f"{where}: the piece [{lo}, {hi}) of {INDEX} is not a chunk DCP's metadata has")
+        out.append((*boxes[0], crc, f"[{lo}, {hi})"))
+        pos = hi
+    if pos != numel:
+        raise ValueError(f"{where}: its pieces cover elements [0, {pos}) of {numel}")
+    return out
+
+
+def _box_tiling(where: str, shape: tuple[int, ...], pieces: list) -> list[tuple]:
+    """Pieces, some of them boxes ``[offsets, sizes, crc]``, that tile the leaf: each inside it,
+    no two sharing an element, together as many elements as it has. As ``(offsets, sizes, crc,
+    words)`` in order of their offsets."""
+    numel = math.prod(shape)
+    out = []
+    for p in pieces:
+        if _is_int(p[0]):
+            lo, hi, crc = p
+            boxes = flat_boxes(shape, lo, hi) if 0 <= lo < hi <= numel else []
+            if len(boxes) != 1:
+                raise ValueError(f"{where}: the piece [{lo}, {hi}) of {INDEX} is not one box of its shape {shape}")
+            out.append((*boxes[0], crc, f"[{lo}, {hi})"))
+            continue
+        offsets, sizes, crc = tuple(p[0]), tuple(p[1]), p[2]
+        if (len(offsets) != len(shape) or len(sizes) != len(shape) or not shape
+                or not all(map(_is_int, offsets + sizes))
+                or any(o < 0 or n < 1 or o + n > d for o, n, d in zip(offsets, sizes, shape))):
+            raise ValueError(f"{where}: the piece at {offsets} of size {sizes} in {INDEX} is not a box of its "
+                             f"shape {shape}")
+        out.append((offsets, sizes, crc, f"at {offsets} of size {sizes}"))
+    out.sort(key=lambda q: q[0])
+    active: list[tuple] = []  # pieces whose dim-0 range reaches the current one's start
+    for q in out:
+        active = [a for a in active if a[0][0] + a[1][0] > q[0][0]]
+        for a in active:
+            if overlap(a[0], a[1], q[0], q[1]) is not None:
+                raise ValueError(f"{where}: its pieces {a[3]} and {q[3]} in {INDEX} overlap")
+        active.append(q)
+    covered = sum(math.prod(q[1]) for q in out)
+    if covered != numel:
+        raise ValueError(f"{where}: its pieces cover {covered} of its {numel} elements")
+    return out
 
 
 def leaf_pieces(path: str, fqn: str, rec: dict, md: Metadata) -> list[Piece]:
@@ -673,29 +844,23 @@ def leaf_pieces(path: str, fqn: str, rec: dict, md: Metadata) -> list[Piece]:
     dtype = _DTYPES.get(rec.get("dtype"))
     if dtype is None or tmd.properties.dtype != dtype:
         raise ValueError(f"{where} has dtype {rec.get('dtype')!r} in {INDEX} but {tmd.properties.dtype} in DCP's metadata")
-    numel = math.prod(shape)
-    pieces = sorted(tuple(p) for p in rec["pieces"])
+    pieces = rec["pieces"]
+    if not all(isinstance(p, list) and len(p) == 3 and _is_int(p[2]) and (
+            all(map(_is_int, p[:2])) or all(isinstance(x, list) for x in p[:2])) for p in pieces):
+        raise ValueError(f"{where}: {INDEX} has a piece that is neither [lo, hi, crc32] nor [offsets, sizes, crc32]")
+    flat = all(_is_int(p[0]) for p in pieces)
+    tiles = _flat_tiling(where, shape, pieces) if flat else _box_tiling(where, shape, pieces)
     chunks = {(tuple(c.offsets), tuple(c.sizes)) for c in tmd.chunks}
-    out, pos = [], 0
-    for lo, hi, crc in pieces:
-        if numel == 0:
-            break
-        if lo != pos or hi <= lo or hi > numel:
-            raise ValueError(f"{where}: its pieces do not tile its {numel} elements ({INDEX} has a piece "
-                             f"[{lo}, {hi}) where element {pos} should start one)")
-        boxes = flat_boxes(shape, lo, hi)
-        if len(boxes) != 1 or boxes[0] not in chunks:
-            raise ValueError(f"{where}: the piece [{lo}, {hi}) of {INDEX} is not a chunk DCP's metadata has")
-        offsets, sizes = boxes[0]
+    out = []
+    for offsets, sizes, crc, words in tiles:
+        if (offsets, sizes) not in chunks:
+            raise ValueError(f"{where}: the piece {words} of {INDEX} is not a chunk DCP's metadata has")
         info = md.storage_data.get(MetadataIndex(fqn, torch.Size(offsets)))
         if info is None:
             raise ValueError(f"{where}: DCP's metadata does not say where its chunk at {offsets} is stored")
-        out.append(Piece(fqn, lo, hi, int(crc), offsets, sizes, dtype, os.path.join(path, info.relative_path),
-                         info.offset, info.length))
-        pos = hi
-    if pos != numel:
-        raise ValueError(f"{where}: its pieces cover elements [0, {pos}) of {numel}")
-    if numel and len(chunks) != len(out):
+        out.append(Piece(fqn, offsets, sizes, int(crc), dtype, os.path.join(path, info.relative_path), info.offset,
+                         info.length, shape))
+    if math.prod(shape) and len(chunks) != len(out):
         raise ValueError(f"{where}: DCP's metadata has {len(chunks)} chunks, {INDEX} {len(out)} pieces")
     return out
 
@@ -708,11 +873,10 @@ def check_files(pieces: list[Piece]) -> None:
             try:
                 sizes[p.file] = os.path.getsize(p.file)
             except FileNotFoundError:
-                raise ValueError(f"checkpoint file {p.file!r} is missing (it holds leaf {p.fqn!r}, "
-                                 f"elements [{p.lo}, {p.hi}))") from None
+                raise ValueError(f"checkpoint file {p.file!r} is missing (it holds leaf {p.fqn!r}, {p.what})") from None
         if sizes[p.file] < p.at + p.length:
             raise ValueError(f"checkpoint file {p.file!r} is truncated: {sizes[p.file]} bytes, but leaf {p.fqn!r} "
-                             f"(elements [{p.lo}, {p.hi})) is stored at bytes [{p.at}, {p.at + p.length})")
+                             f"({p.what}) is stored at bytes [{p.at}, {p.at + p.length})")
 
 
 class PieceReader(LoadPlanner):
@@ -763,8 +927,8 @@ class PieceReader(LoadPlanner):
         self.done.add(key)
         got = crc32(tensor)
         if got != p.crc:
-            self.errors.append(f"checkpoint file {p.file!r} is corrupted: the piece of leaf {p.fqn!r} with elements "
-                               f"[{p.lo}, {p.hi}) has crc32 {got:08x}, {INDEX} recorded {p.crc:08x}")
+            self.errors.append(f"checkpoint file {p.file!r} is corrupted: the piece of leaf {p.fqn!r} with "
+                               f"{p.what} has crc32 {got:08x}, {INDEX} recorded {p.crc:08x}")
             return
         with torch.no_grad():
             self.sink(p, tensor)
@@ -780,7 +944,7 @@ class PieceReader(LoadPlanner):
         p = min(left, key=lambda q: (order.index(q.file), list(self.pieces).index((q.fqn, q.offsets))))
         inner = _own_failure(e, self.group) or e
         return ValueError(f"checkpoint file {p.file!r} could not be read at the piece of leaf {p.fqn!r} "
-                          f"(elements [{p.lo}, {p.hi})): {_describe(inner)[:500]}")
+                          f"({p.what}): {_describe(inner)[:500]}")
 
     def error(self) -> ValueError | None:
         if not self.errors:
@@ -831,12 +995,11 @@ def _mismatch(path: str, missing: list[_Leaf], extra: list[tuple[str, dict]]) ->
     return f"checkpoint {path!r} does not match the state: " + "; ".join(parts)
 
 
-def _copy_into(leaf: _Leaf):
+def _copy_into(blocks: list[tuple[tuple[int, ...], torch.Tensor]]):
+    """A sink that copies what a piece shares with each of ``blocks`` (a leaf's held boxes) into it."""
     def sink(p: Piece, t: torch.Tensor) -> None:
-        a, z = max(leaf.held[0], p.lo), min(leaf.held[1], p.hi)
-        if a < z:
-            flat = leaf.buffer.view(-1)
-            flat[leaf.base + a : leaf.base + z].copy_(t.reshape(-1)[a - p.lo : z - p.lo])
+        for offsets, view in blocks:
+            copy_overlap(view, offsets, t, p.offsets)
 
     return sink
 
@@ -862,22 +1025,26 @@ def _plan_load(state: TrainState, rank: int, path: str, strict: bool) -> tuple[l
         if rec is None:
             continue
         if tuple(rec["shape"]) != leaf.shape:
+            split = "" if leaf.split is None else (
+                f" (split over {leaf.tp[1]} tensor-parallel ranks, {leaf.local} on each)")
             raise ValueError(f"checkpoint {path!r}: leaf {leaf.fqn!r} has shape {tuple(rec['shape'])}, "
-                             f"the state's has shape {leaf.shape}")
-        a, z = leaf.held
+                             f"the state's has shape {leaf.shape}{split}")
+        blocks = leaf.blocks(*leaf.held)
         for p in leaf_pieces(path, leaf.fqn, rec, md):
-            if p.lo < z and a < p.hi:
+            mine = [(o, v) for o, v in blocks if overlap(o, v.shape, p.offsets, p.sizes) is not None]
+            if mine:
                 reads.append(p)
-                sinks[(p.fqn, p.offsets)] = _copy_into(leaf)
+                sinks[(p.fqn, p.offsets)] = _copy_into(mine)
     check_files(reads)
     return reads, sinks, skipped
 
 
 def load_state(state: TrainState, plan: Plan, directory: str, *, strict: bool = True) -> TrainState:
-    """Fill ``state`` (made by ``funzero.init`` for any stage and world size) from the latest checkpoint.
+    """Fill ``state`` (made by ``funzero.init`` for any stage, world size and tensor-parallel split)
+    from the latest checkpoint.
 
-    A collective over ``plan``'s ranks; each rank reads the chunks that overlap what it holds,
-    and checks each chunk's crc32.
+    A collective over ``plan``'s ranks (and the model's tensor-parallel ranks); each rank reads the
+    chunks that overlap what it holds, and checks each chunk's crc32.
 
     Args:
         state: a state with the target layout; its buffers are overwritten in place.
@@ -896,9 +1063,8 @@ def load_state(state: TrainState, plan: Plan, directory: str, *, strict: bool = 
             a piece whose checksum, range or file does not match what the index recorded.
     """
     wait_saves()
-    refuse_checkpoint(state.binding, "load_state")
     state.binding.placement.sync()  # a host update still running would overwrite what is loaded
-    rank, _, group = _world(plan)
+    rank, group = _world(plan, state.binding)
     error, reads, sinks, skipped, path = None, [], {}, [], None
     try:
         path = latest_step(directory)

@@ -547,16 +547,6 @@ def tp_info(tp: TPLayout | None, compute) -> dict:
             "tp_size": tp.size}
 
 
-def refuse_checkpoint(b, what: str) -> None:
-    """Raise for a state split over tp: checkpoints key each buffer by group and dp shard only, so
-    the tp ranks' different slices would overwrite each other (resharding across dp x tp layouts
-    is not written yet)."""
-    if b.tp is not None and b.tp.size > 1:
-        raise ValueError(f"{what} of a state split over {b.tp.size} tensor-parallel ranks (axis {b.tp.axis!r}) is not "
-                         "supported yet; fz.save_weights writes its weights whole (and fz.init(weights=...) "
-                         "reads them back unsplit)")
-
-
 def read_local(tp: TPLayout | None, source, key: str, path: str, lo: int, hi: int) -> torch.Tensor:
     """Elements ``[lo, hi)`` of this rank's slice of leaf ``path``, read from a weights source that
     holds the whole tensor under ``key``: only the range itself where the slice is one piece of the

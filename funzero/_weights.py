@@ -218,13 +218,19 @@ class _Checkpoint(WeightSource):
         fqn, rec = self._recs[key]
         if key not in self._pieces:
             self._pieces[key] = ck.leaf_pieces(self.path, fqn, rec, self._md)
-        pieces = [p for p in self._pieces[key] if p.lo < hi and lo < p.hi]
-        ck.check_files(pieces)
         out = torch.empty(hi - lo, dtype=self.dtype(key))
+        targets, pos = [], 0  # the range as boxes of the whole tensor, each a view of ``out``
+        for offsets, sizes in ck.flat_boxes(self.shape(key), lo, hi):
+            n = math.prod(sizes)
+            targets.append((offsets, out[pos : pos + n].view(sizes)))
+            pos += n
+        pieces = [p for p in self._pieces[key]
+                  if any(ck.overlap(o, v.shape, p.offsets, p.sizes) is not None for o, v in targets)]
+        ck.check_files(pieces)
 
         def sink(p, t):
-            a, z = max(lo, p.lo), min(hi, p.hi)
-            out[a - lo : z - lo].copy_(t.reshape(-1)[a - p.lo : z - p.lo])
+            for offsets, view in targets:
+                ck.copy_overlap(view, offsets, t, p.offsets)
 
         error = ck.read_pieces(self.path, pieces, sink, metadata=self._md)
         if error is not None:
