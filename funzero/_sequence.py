@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from funzero._collectives import all_to_all
+from funzero._group import backward_phase
 from shardspec import Mesh
 
 __all__ = ["SequenceBatch", "check_sequence_plan", "sequence_parallel", "split_sequence", "ulysses_attention"]
@@ -85,7 +86,10 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *_exchange(grads, ctx.sp, ctx.gather, ctx.scatter, "sp_grad"))
+        # Compiled, this backward is traced with the forward: marked as backward, it joins the
+        # groups' reduces in one backward region (the stage-3 re-gather pass refuses several).
+        with backward_phase(torch.compiler.is_compiling()):
+            return (None, None, None, *_exchange(grads, ctx.sp, ctx.gather, ctx.scatter, "sp_grad"))
 
 
 def _check_heads(what: str, num_heads: int, num_kv_heads: int, sp: _Axis) -> None:
