@@ -16,6 +16,13 @@ axis and give the plan that axis.
     plan = fz.zero(3, mesh=mesh, axis="dp_sp", batch="local", groups=fz.block_rules(model))
     b = fz.split_sequence(input_ids, input_ids, mesh)          # this rank's (dp, sp) piece
     loss = model(**b.hf_kwargs()).loss                          # the global token mean's share
+
+With tensor parallelism on a third axis (``("dp", "sp", "tp")``, ``tensor_parallel`` before or
+after ``sequence_parallel``), each tp rank runs Ulysses on the heads it holds, so those are the
+counts that must divide over ``sp``; the gradient's reduce stays over ``dp x sp``, the tp
+collectives over ``tp``, and a vocabulary-split LM head's logits take
+``b.cross_entropy(logits, mesh=mesh)``. HSDP works too: ``zero(..., axis="sp", replicate="dp")``
+shards over the sp ranks and replicates over dp.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from funzero._collectives import all_to_all
+from funzero._group import backward_phase
 from shardspec import Mesh
 
 __all__ = ["SequenceBatch", "check_sequence_plan", "sequence_parallel", "split_sequence", "ulysses_attention"]
@@ -85,16 +93,59 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *_exchange(grads, ctx.sp, ctx.gather, ctx.scatter, "sp_grad"))
+        # Compiled, this backward is traced with the forward: marked as backward, it joins the
+        # groups' reduces in one backward region (the stage-3 re-gather pass refuses several).
+        with backward_phase(torch.compiler.is_compiling()):
+            return (None, None, None, *_exchange(grads, ctx.sp, ctx.gather, ctx.scatter, "sp_grad"))
 
 
-def _check_heads(what: str, num_heads: int, num_kv_heads: int, sp: _Axis) -> None:
+def _check_heads(what: str, num_heads: int, num_kv_heads: int, sp: _Axis, tp: tuple[str, int] | None = None) -> None:
+    """Each count must divide over ``sp``. ``tp``: ``(axis, size)`` where the counts are one
+    tensor-parallel rank's (the heads Ulysses exchanges are the local ones)."""
     for count, name in ((num_heads, "attention heads"), (num_kv_heads, "KV heads")):
         if count % sp.size:
+            per = f" per rank of tensor-parallel axis {tp[0]!r} ({count * tp[1]} over its {tp[1]} ranks)" if tp else ""
             raise ValueError(
-                f"{what}: {count} {name} do not divide over the {sp.size} ranks of sequence-parallel "
-                f"axis {sp.axis!r} ({num_heads} heads, {num_kv_heads} KV heads)"
+                f"{what}: {count} {name}{per} do not divide over the {sp.size} ranks of sequence-parallel "
+                f"axis {sp.axis!r} ({num_heads} heads, {num_kv_heads} KV heads{' per tp rank' if tp else ''})"
             )
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, int, int]]:
+    """``(module path, heads, KV heads)`` of each attention module :func:`sequence_parallel`
+    swaps, with the model's whole (not tensor-parallel) counts."""
+    from funzero.models import GPT
+    from funzero.models._gpt import CausalSelfAttention
+
+    if isinstance(model, GPT):  # each module's n_head is divided by tensor_parallel; the config's is whole
+        n = model.cfg.n_head
+        return [(name, n, n) for name, m in model.named_modules() if isinstance(m, CausalSelfAttention)]
+    out = []
+    for name, m in model.named_modules():
+        if hasattr(m, "num_key_value_groups"):  # Hugging Face attention; its config keeps the whole counts
+            heads = m.config.num_attention_heads
+            out.append((name, heads, getattr(m.config, "num_key_value_heads", None) or heads))
+    return out
+
+
+def check_heads(model: nn.Module, sp: _Axis, tp: tuple[str, int, frozenset] | None = None) -> None:
+    """Every attention module's heads, as one tensor-parallel rank holds them, divide over ``sp``.
+
+    ``tp``: ``(axis, size, split paths)`` of a tensor-parallel split (applied or about to be); an
+    attention module with a split path under it computes with ``1 / size`` of its heads.
+    """
+    for name, heads, kv in _attention_modules(model):
+        if tp is not None and tp[1] > 1 and any(p.startswith(name + ".") for p in tp[2]):
+            _check_heads(name, heads // tp[1], kv // tp[1], sp, tp[:2])
+        else:
+            _check_heads(name, heads, kv, sp)
+
+
+def _tp_split(model: nn.Module) -> tuple[str, int, frozenset] | None:
+    from funzero._tp import tp_layout
+
+    tp = tp_layout(model)
+    return None if tp is None else (tp.axis, tp.size, frozenset(tp.specs))
 
 
 def _ulysses(q, k, v, sp: _Axis, *, is_causal=True, scale=None, dropout_p=0.0) -> torch.Tensor:
@@ -163,12 +214,9 @@ _names = itertools.count()
 def _apply_hf(model: nn.Module, sp: _Axis) -> None:
     from transformers import AttentionInterface
 
-    attention = [(name, m) for name, m in model.named_modules() if hasattr(m, "num_key_value_groups")]
-    if not attention:
+    if not _attention_modules(model):
         raise ValueError(f"found no attention module (one with num_key_value_groups) in {type(model).__name__}")
-    for name, m in attention:
-        heads = m.config.num_attention_heads
-        _check_heads(name, heads, getattr(m.config, "num_key_value_heads", None) or heads, sp)
+    check_heads(model, sp, _tp_split(model))
     if getattr(model.config, "sliding_window", None) is not None and getattr(model.config, "use_sliding_window", True):
         raise ValueError(f"sequence parallelism runs full causal attention; {type(model).__name__} has "
                          f"sliding_window={model.config.sliding_window}")
@@ -192,9 +240,9 @@ def _apply_hf(model: nn.Module, sp: _Axis) -> None:
 def _apply_gpt(model: nn.Module, sp: _Axis) -> None:
     from funzero.models._gpt import CausalSelfAttention
 
-    for name, m in model.named_modules():
+    check_heads(model, sp, _tp_split(model))
+    for m in model.modules():
         if isinstance(m, CausalSelfAttention):
-            _check_heads(name, m.n_head, m.n_head, sp)
             m.attention = _Attention(sp)
 
     def positions(wpe, args):  # GPT embeds arange(T) of its local T: shift it to the global range
@@ -221,7 +269,8 @@ def sequence_parallel(model: nn.Module, mesh: Mesh, *, axis: str = "sp") -> nn.M
         model: an HF ``PreTrainedModel`` or a ``funzero.models.GPT`` (meta or materialised).
         mesh: the ranks; ``axis`` must be one of ``mesh.axes``.
         axis: the sequence-parallel axis. Every attention module's heads and KV heads must divide
-            over it.
+            over it; on a model split by :func:`funzero.tensor_parallel` (before or after this call),
+            the heads one tp rank holds.
 
     Returns:
         ``model`` itself.
@@ -248,6 +297,12 @@ def sequence_parallel(model: nn.Module, mesh: Mesh, *, axis: str = "sp") -> nn.M
     return model
 
 
+def sequence_axis(model: nn.Module) -> _Axis | None:
+    """The axis :func:`sequence_parallel` made ``model`` sequence-parallel over (``.mesh``,
+    ``.axis``, ``.size``, ``.rank``), or None."""
+    return model.__dict__.get(_ATTR)
+
+
 def check_sequence_plan(model: nn.Module, plan) -> None:
     """Refuse a plan that would train a sequence-parallel ``model`` wrongly without saying so.
 
@@ -255,7 +310,7 @@ def check_sequence_plan(model: nn.Module, plan) -> None:
     over them (the plan's data-parallel axes must span ``sp``: shard over a flattened
     ``dp x sp`` axis), and the step must not slice the batch's rows over them (``batch="local"``
     with :func:`split_sequence`'s pieces)."""
-    sp = model.__dict__.get(_ATTR)
+    sp = sequence_axis(model)
     if sp is None or sp.size == 1:
         return
     spans = plan.mesh._components(plan.data_axes)  # noqa: SLF001 - shardspec's own flattening
@@ -286,10 +341,20 @@ class SequenceBatch(NamedTuple):
         the global token mean (``labels`` only switches HF's loss on; ``shift_labels`` are used)."""
         return dict(self._asdict(), labels=self.shift_labels)
 
-    def cross_entropy(self, logits: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+    def cross_entropy(self, logits: torch.Tensor, *, ignore_index: int = -100, mesh: Mesh | None = None,
+                      axis: str = "tp") -> torch.Tensor:
         """This rank's share of the global token-mean cross-entropy of ``logits`` (B/dp, T/sp, V):
         its summed losses over ``num_items_in_batch``, so that averaging over the ranks (ZeRO's
-        gradient reduce) gives the mean over every counted token of the global batch."""
+        gradient reduce) gives the mean over every counted token of the global batch.
+
+        ``mesh``: given, ``logits`` are this rank's vocabulary slice over ``axis`` (an LM head
+        split by :func:`funzero.tensor_parallel`), and the loss is
+        :func:`funzero.losses.vocab_parallel_cross_entropy`'s, with the same share."""
+        if mesh is not None:
+            from funzero.losses import vocab_parallel_cross_entropy
+
+            return vocab_parallel_cross_entropy(logits, self.shift_labels, mesh, axis, ignore_index=ignore_index,
+                                                num_items_in_batch=self.num_items_in_batch)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), self.shift_labels.flatten(), ignore_index=ignore_index,
                                reduction="sum")
         return loss / self.num_items_in_batch

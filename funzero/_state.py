@@ -246,7 +246,7 @@ def init(
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be a funzero.Plan from funzero.zero(...), got {type(plan).__name__}")
     binding = bind(model, plan, precision)
-    _agree(plan, binding, tx)  # the first collective of init: ranks that disagree stop here, all of them
+    _agree(plan, binding, tx, model)  # the first collective of init: ranks that disagree stop here, all of them
     device = plan.mesh.device
     source, key_map = _open_weights(weights, model, binding)
     needs_init = init_fn is not None or any(
@@ -278,14 +278,26 @@ def _check_nvme_space(binding: Binding, tx: GradientTransformation) -> None:
         nvme.check_space(estimate_memory(binding, tx=tx).nvme // 2)
 
 
-def _fingerprint(plan: Plan, b: Binding, tx: GradientTransformation) -> list[tuple[str, str]]:
-    """What every rank must agree on, item by item: the plan's specs and options, the
-    precision, each group's leaves and shapes, and the optimizer state's structure."""
+def _fingerprint(plan: Plan, b: Binding, tx: GradientTransformation, model: nn.Module) -> list[tuple[str, str]]:
+    """What every rank must agree on, item by item: the mesh, the plan's specs and options, the
+    precision, the model's tensor-parallel split (rules, then each split leaf's spec and whole
+    shape) and sequence-parallel axis, each group's leaves and shapes, and the optimizer state's
+    structure. The model's parts come before the groups: where rules differ, so do the groups'
+    shapes, and the rules are the cause to name."""
+    from funzero._sequence import sequence_axis
+
+    tp, sp = b.tp, sequence_axis(model)
     items = [
+        ("the mesh", repr(plan.mesh)),
         ("the ZeRO stage", str(b.stage)),
         ("the specs", repr(b.specs)),
         ("the precision", repr(b.precision)),
         ("the batch convention", plan.batch),
+        ("the tensor-parallel rules",
+         "none" if tp is None else f"axis {tp.axis!r} of {tp.size} ranks, rules {list(tp.rules)}"),
+        ("the tensor-parallel split leaves",
+         "none" if tp is None else repr([(p, tp.specs[p], tp.shapes[p]) for p in sorted(tp.specs)])),
+        ("the sequence-parallel axis", "none" if sp is None else f"axis {sp.axis!r} of {sp.size} ranks"),
         ("the groups", repr(list(b.layouts))),  # before the placement, which is listed per group
         # kinds, not spellings: each rank may keep its NVMe files in a directory of its own
         ("the placement", repr({k: {g: b.placement.kind(k, g) for g in b.layouts} for k in ("params", "opt_state")})),
@@ -300,16 +312,19 @@ def _fingerprint(plan: Plan, b: Binding, tx: GradientTransformation) -> list[tup
     return items
 
 
-def _agree(plan: Plan, b: Binding, tx: GradientTransformation) -> None:
-    """Compare the fingerprint across the data-parallel ranks, replicas included (one object
-    all-gather); any difference raises on every rank, naming the first item that differs."""
-    group = plan.mesh.group_over(plan.data_axes)
+def _agree(plan: Plan, b: Binding, tx: GradientTransformation, model: nn.Module) -> None:
+    """Compare the fingerprint across every rank of the plan's mesh (one object all-gather): the
+    data-parallel ranks, replicas included, and the tensor- and sequence-parallel ranks, whose
+    collectives pair up with each other's as much as the data-parallel ones do. Any difference
+    raises on every rank, naming the first item that differs."""
+    mesh = plan.mesh
+    group = mesh.group_over(mesh.axis_names)
     if group is None:
         return
     import torch.distributed as dist
 
-    mine = _fingerprint(plan, b, tx)
-    everyone: list = [None] * plan.num_data_ranks
+    mine = _fingerprint(plan, b, tx, model)
+    everyone: list = [None] * mesh.size()
     dist.all_gather_object(everyone, mine, group=group)
     for i, (name, desc) in enumerate(everyone[0]):
         for r, theirs in enumerate(everyone):

@@ -60,6 +60,8 @@ from torch import nn
 
 from funzero._collectives import all_gather, all_reduce
 from funzero._group import backward_phase
+from funzero._sequence import check_heads as check_sequence_heads
+from funzero._sequence import sequence_axis
 from shardspec import Mesh, Shard, check_split, first_match, join_shards, local_shape, shard_of
 
 __all__ = ["PRESETS", "TPLayout", "TPRule", "copy_to_tp", "full_shape_init", "gpt2_rules", "gpt_rules", "llama_rules",
@@ -358,7 +360,9 @@ def tensor_parallel(model: nn.Module, mesh: Mesh, rules: str | Sequence = "llama
     Raises:
         ValueError: an axis the mesh lacks, a rule matching no module, a split dim that does not
             divide (naming the leaf, its shape, the dim and the tp size), a head count that does
-            not divide (naming the module and the counts), or a model split already.
+            not divide (naming the module and the counts), on a model :func:`funzero.sequence_parallel`
+            made sequence-parallel first, heads per tp rank that do not divide over its ``sp`` axis
+            (naming both axes and the counts), or a model split already.
 
     Example:
         >>> mesh = Mesh.from_env(("dp", "tp"), (2, 2))
@@ -385,6 +389,9 @@ def tensor_parallel(model: nn.Module, mesh: Mesh, rules: str | Sequence = "llama
         plans[path] = (module, rule, specs, {n: module._parameters[n] for n in specs})  # before any swap
     split_modules = {p for p, (_, _, s, _) in plans.items() if s}
     _check_heads(model, split_modules, size)
+    sp = sequence_axis(model)
+    if sp is not None:  # sequence_parallel came first: Ulysses will exchange the heads left on each tp rank
+        check_sequence_heads(model, sp, (axis, size, frozenset(split_modules)))
     rank = mesh.rank(axis) if size > 1 else 0
     by_param: dict[int, tuple[Shard, str]] = {}
     for path, (module, rule, specs, originals) in plans.items():

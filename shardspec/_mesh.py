@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Sequence
 
@@ -164,10 +165,12 @@ class Mesh:
 
     def size(self, axis: str | None = None) -> int:
         """Ranks along ``axis`` (all ranks when ``axis`` is None)."""
+        # Plain ints (math.prod), not a tensor's .item(): a compiled step branches on sizes, and
+        # .item() would break its graph there.
         if axis is None:
-            return int(torch.tensor(self.shape).prod())
+            return math.prod(self.shape)
         if axis in self._flat:
-            return int(torch.tensor([self.size(a) for a in self._flat[axis]]).prod())
+            return math.prod([self.size(a) for a in self._flat[axis]])
         return self.shape[self._axis_index(axis)]
 
     def rank(self, axis: str) -> int:
