@@ -377,9 +377,26 @@ def _rank0_values(filler, plan: Plan, b: Binding):
             return filler.fill(g, lo, hi, dtype)  # made from (seed, module): equal everywhere
         full = filler.fill(g, 0, lay.padded, dtype)
         full = broadcast(full, plan.mesh, plan.data_axes, tag="init")
+        _tp_rank0_whole_leaves(full, lay, b.tp)
         return full[lo:hi]
 
     return fill
+
+
+def _tp_rank0_whole_leaves(full: torch.Tensor, lay, tp) -> None:
+    """The leaves of ``full`` (one group's buffer) that tp does not split, set to tp rank 0's, in
+    place: every tp rank holds them whole and they must start alike (the split leaves are each
+    rank's own slices and stay as they are)."""
+    from funzero._collectives import broadcast
+
+    if tp is None or tp.size == 1:
+        return
+    whole = [s for s in lay.slots if s.path not in tp.specs]
+    if not whole:
+        return
+    got = broadcast(torch.cat([full[s.offset:s.offset + s.numel] for s in whole]), tp.mesh, tp.axis, tag="init")
+    for s, piece in zip(whole, got.split([s.numel for s in whole])):
+        full[s.offset:s.offset + s.numel] = piece
 
 
 def _place_tree(pl, tree, prefix: str):

@@ -162,6 +162,36 @@ def test_values_a_module_holds_are_rank_0s_on_every_rank(stage):
         assert torch.equal(got0[k], mine0[k]) and torch.equal(got1[k], mine0[k]), k
 
 
+def _disagreeing_tp(rank, world):
+    from shardspec import Mesh
+
+    from tests._models import tiny_gpt
+
+    model = tiny_gpt(seed=rank, vocab_size=68)  # each rank builds other values (the norms' below)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ln" in n:
+                p.normal_()
+    mesh = Mesh.from_env(("dp", "tp"), (2, 2))
+    fz.tensor_parallel(model, mesh, rules="gpt")
+    whole = {n for n, _ in model.named_parameters() if n not in fz.tp_layout(model).specs}
+    plan = fz.zero(3, mesh=mesh, axis="dp", groups=GROUPS)
+    state = fz.init(model, optim.sgd(0.1), plan)
+    return whole, {k: v for k, v in fz.gather_params(state, plan).items() if k in whole}
+
+
+def test_leaves_tensor_parallelism_does_not_split_are_rank_0s_on_every_tp_rank():
+    """tp ranks whose modules hold other values: the leaves each holds whole (norms) start as
+    tp rank 0's; before, init broadcast over dp only and the tp ranks trained on from different
+    norms without a word."""
+    out = run_world(_disagreeing_tp, 4)
+    whole = out[0][0]
+    assert any(".ln" in n for n in whole)
+    for _, got in out[1:]:
+        for k in whole:
+            assert torch.equal(got[k], out[0][1][k]), k
+
+
 class _NoInit(nn.Module):
     def __init__(self):
         super().__init__()
