@@ -255,6 +255,29 @@ def test_llama_3_70b_tp_slices_and_replicated_norms(llama70b):
     assert abs(count.model_states["total"] - est.model_states["total"]) < 16 * norms
 
 
+def test_planner_splits_gpus_into_dp_tp_and_replicas(llama70b):
+    """64 GPUs at tp=8: dp=8; the fastest fit at 80 GB is a stage with replicas where one fits,
+    and the explanation names the layout and the rejected faster candidates."""
+    c = fz.choose_stage(llama70b, gpus=64, tp=8, gpu_bytes=80e9, reserve_bytes=8e9, gpus_per_node=8,
+                        precision="bf16", groups=fz.block_rules(llama70b))
+    best = c.best
+    assert best is not None and best.estimate.tp == 8
+    assert best.estimate.num_shards * best.num_replicas == 8
+    assert f"on dp 8 x tp 8, each group sharded over {best.estimate.num_shards} ranks" in c.why
+    assert "stage 0/none needs GPU" in c.why and "more replicas first" in c.why
+    order = [(c2.offload, c2.stage, -c2.num_replicas) for c2 in c.candidates]
+    labels = ["none", "cpu", "cpu+params"]
+    assert order == sorted(order, key=lambda o: (labels.index(o[0]), o[1], o[2]))
+    assert [c2.num_replicas for c2 in c.candidates if c2.stage == 0] == [1]  # stage 0 shards nothing
+    fixed = fz.choose_stage(llama70b, gpus=64, tp=8, num_replicas=1, gpu_bytes=80e9, reserve_bytes=8e9,
+                            precision="bf16", groups=fz.block_rules(llama70b))
+    assert {c2.num_replicas for c2 in fixed.candidates} == {1}
+    with pytest.raises(ValueError, match=r"tp x sp = 8 x 3 = 24 does not divide gpus=64"):
+        fz.choose_stage("70B", gpus=64, tp=8, sp=3, gpu_bytes=80e9)
+    with pytest.raises(ValueError, match=r"num_replicas=3 does not divide dp = gpus / \(tp x sp\) = 8"):
+        fz.choose_stage("70B", gpus=64, tp=8, num_replicas=3, gpu_bytes=80e9)
+
+
 # --- invariants ------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
 @given(psi=st.integers(10**4, 10**12), n=st.sampled_from([1, 2, 4, 8, 64, 512]), tp=st.sampled_from([1, 2, 4, 8]),
