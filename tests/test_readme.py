@@ -1,4 +1,5 @@
-"""The README's "Bring your own model" snippets run as written, on a tiny local Llama config.
+"""The README's "Bring your own model" snippets run as written, on a tiny local Llama config, and
+its "Planning a 70B run" table is what the command it names prints.
 
 Only the paths are replaced (a temporary directory for ``path/to/llama`` and ``out/llama``),
 ``batches`` is given, and the step runs eagerly (compiling costs a minute of CPU;
@@ -48,3 +49,18 @@ def test_bring_your_own_model_runs_as_written(tmp_path):
     assert sorted(loaded) == sorted(trained)
     for k, v in trained.items():  # from_pretrained gives back what training made (saved in bf16)
         assert torch.equal(loaded[k], v.to(torch.bfloat16).to(loaded[k].dtype)), k
+
+
+def test_planning_table_is_what_the_named_command_prints():
+    """The 70B table is ``benchmarks/plan_table.py``'s output (the planner on a meta Llama with
+    Llama-3-70B shapes), caption and rows, not numbers typed by hand."""
+    import runpy
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "plan_table.py")
+    want = runpy.run_path(script)["table"]()
+    with open(_README) as f:
+        text = f.read()
+    start = text.index("## Planning a 70B run\n")
+    section = text[start:text.find("\n## ", start + 1)]
+    assert "`python benchmarks/plan_table.py` prints this table" in section
+    assert want in section, want
