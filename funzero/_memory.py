@@ -15,6 +15,12 @@ Design note (what keeps these numbers honest):
   K bytes per element of optimizer state, each held as the specs say; 2Ψ + 2Ψ + 12Ψ for
   mixed-precision Adam. Gradients are not part of ``TrainState``: the step makes them and drops
   them. ``MemoryEstimate.grads`` says what the engine itself holds at the end of backward.
+* **Tensor and sequence parallelism are layouts, not formulas.** A tp size splits a meta copy of
+  the module by ``tensor_parallel``'s own rules on a mesh with no process group (tp rank 0's
+  slices stand for every rank's; a split that does not divide is refused), an sp size becomes the
+  flattened ``dp x sp`` shard axis ``_sequence.py`` trains over, and the binding of that is
+  counted like any other. ``tests/test_memory_parallel.py`` holds it to the byte on tp and sp
+  ranks.
 * **Transients are estimates.** Gathered groups, the gradient of the group being reduced,
   host staging and activations depend on the schedule, not only on shapes; their formulas are
   documented where they are computed and checked on a GPU by ``benchmarks/memory.py``.
@@ -24,7 +30,10 @@ Units: bytes everywhere; the printing helpers (``_counts.py``) use GB = 1e9 byte
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +50,10 @@ from funzero._placement import Placement, group_of_path, parse_placement
 from funzero._plan import STAGES, Plan, zero
 from funzero._state import build_state
 from funzero._precision import Precision, bf16, fp16, fp32
+from funzero._tp import PRESETS, tensor_parallel, tp_layout
 from shardspec import FlatLayout, Mesh, held_numel
 
-__all__ = ["MemoryEstimate", "estimate_memory", "layouts_for_num_params"]
+__all__ = ["MemoryEstimate", "estimate_memory", "layouts_for_num_params", "split_for_estimate"]
 
 
 # --- layouts ----------------------------------------------------------------------------------
@@ -51,14 +61,16 @@ class _PlanningMesh(Mesh):
     """Ranks on named axes with no process group behind them: enough to lay shards out.
 
     ``bind`` asks the plan for this process's rank; a plan made for estimating has none, and
-    every rank's shard has the same size, so rank 0 stands in for all of them.
+    every rank's shard has the same size, so rank 0 stands in for all of them (and, on a ``tp``
+    axis, tp rank 0's slices for every tp rank's: a split that does not divide is refused).
     """
 
     def __init__(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> None:
         super().__init__(axes, shape, device_type="meta")
 
     def rank(self, axis: str) -> int:
-        self._axis_index(axis)
+        if axis not in self.axes:
+            self._axis_index(axis)  # raises, naming the axes
         return 0
 
     def group(self, axis: str):
@@ -72,6 +84,129 @@ def _planning_mesh(axis: str, num_shards: int, replicate: tuple[str, ...] = (), 
     (all on its first axis: per-rank bytes depend only on how many copies there are)."""
     sizes = tuple(num_replicas if i == 0 else 1 for i in range(len(replicate)))
     return _PlanningMesh((*replicate, axis), (*sizes, num_shards))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The parallel layout an estimate is for, and the mesh that stands for it.
+
+    The shard axis ZeRO splits each group over holds ``num_shards`` ranks; with sequence
+    parallelism it is the flattened ``dp x <sp axis>`` axis (as ``_sequence.py`` sets it up), so
+    its ``num_shards`` ranks include the ``sp`` ranks. ``tp`` ranks hold different slices.
+    """
+
+    num_shards: int
+    num_replicas: int
+    tp: int
+    sp: int
+    sp_axis: str = "sp"
+
+    @property
+    def replicate(self) -> tuple[str, ...]:
+        return ("replicate",) if self.num_replicas > 1 else ()
+
+    @property
+    def shard_axis(self) -> str:
+        return f"dp_{self.sp_axis}" if self.sp > 1 else "dp"
+
+    def mesh(self) -> _PlanningMesh:
+        axes, sizes = [*self.replicate, "dp"], [*((self.num_replicas,) if self.replicate else ()),
+                                               self.num_shards // self.sp]
+        if self.sp > 1:
+            axes.append(self.sp_axis)
+            sizes.append(self.sp)
+        if self.tp > 1:
+            axes.append("tp")
+            sizes.append(self.tp)
+        mesh = _PlanningMesh(tuple(axes), tuple(sizes))
+        if self.sp > 1:
+            mesh._flat = {self.shard_axis: ("dp", self.sp_axis)}  # what Mesh.flatten records
+        return mesh
+
+
+def _positive(name: str, value, default: int = 1) -> int:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    return value
+
+
+def _check_sp(sp: int, num_shards: int) -> None:
+    if num_shards % sp:
+        raise ValueError(
+            f"sp={sp} does not divide num_shards={num_shards}: ZeRO shards over the flattened dp x sp "
+            f"axis, whose num_shards ranks include the sp ranks"
+        )
+
+
+def _sp_of(model: nn.Module):
+    """The sequence-parallel axis :func:`funzero.sequence_parallel` gave ``model``, or None."""
+    return model.__dict__.get("_funzero_sp")
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are meta tensors of the same shapes and
+    dtypes (ties kept): splitting it costs no memory and leaves ``model`` as it was."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in memo:
+            meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _default_rules(model: nn.Module) -> str:
+    """The tensor-parallel preset for ``model``'s kind: ``gpt`` for ``funzero.models.GPT``, else
+    its Hugging Face ``model_type`` where :data:`funzero._tp.PRESETS` has one."""
+    from funzero.models import GPT
+
+    if isinstance(model, GPT):
+        return "gpt"
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in PRESETS:
+        return kind
+    raise ValueError(f"no tensor-parallel preset for a {type(model).__name__} (model_type {kind!r}); "
+                     f"pass tp_rules= (a preset of {sorted(PRESETS)} or rules)")
+
+
+def split_for_estimate(model: nn.Module, tp: int, rules=None) -> nn.Module:
+    """A meta copy of ``model`` split over ``tp`` ranks by ``rules`` the way
+    :func:`funzero.tensor_parallel` splits it (tp rank 0's slices; every rank's are the same
+    size), with no process group: the shapes each tp rank would hold. ``model`` itself if it is
+    split already (its own split must then be over ``tp`` ranks) or ``tp`` is 1."""
+    have = tp_layout(model)
+    if have is not None:
+        if have.size != tp:
+            raise ValueError(f"tp={tp} contradicts the model's tensor-parallel split over {have.size} ranks")
+        return model
+    if tp == 1:
+        return model
+    rules = _default_rules(model) if rules is None else rules
+    mesh = _PlanningMesh(("tp",), (tp,))
+    return tensor_parallel(_meta_copy(model), mesh, rules=rules, axis="tp")
+
+
+def _check_sp_heads(model: nn.Module, sp: int) -> None:
+    """Every attention module's heads (per tp rank) must divide over the ``sp`` ranks, as the
+    Ulysses exchange needs (``funzero._sequence``)."""
+    from funzero.models._gpt import CausalSelfAttention
+
+    split = tp_layout(model)
+    tp = split.size if split is not None else 1
+    for path, m in model.named_modules():
+        if isinstance(m, CausalSelfAttention):
+            counts = {"attention heads": m.n_head}  # per tp rank once split (tensor_parallel divides it)
+        elif hasattr(m, "num_key_value_groups") and getattr(m, "config", None) is not None:
+            heads = m.config.num_attention_heads
+            counts = {"attention heads": heads // tp,
+                      "KV heads": (getattr(m.config, "num_key_value_heads", None) or heads) // tp}
+        else:
+            continue
+        for what, n in counts.items():
+            if n % sp:
+                per = f" per tensor-parallel rank (of {tp})" if tp > 1 else ""
+                raise ValueError(f"sp={sp} does not divide the {n} {what}{per} of module {path!r}: the Ulysses "
+                                 "exchange splits them over the sequence-parallel ranks")
 
 
 def _default_num_groups(num_params: int) -> int:
@@ -170,10 +305,13 @@ class MemoryEstimate:
     """Per-rank bytes of one ZeRO configuration.
 
     Attributes:
-        stage / num_shards / precision: the configuration (N = ``num_shards``).
+        stage / num_shards / precision: the configuration (N = ``num_shards``, the ranks of
+            the shard axis; with sequence parallelism they include the ``sp`` ranks).
         num_replicas: copies of the N shards (hierarchical sharding; 1 without it).
+        tp / sp: tensor- and sequence-parallel ranks (1 without them).
         placement: ``{"params": ..., "opt_state": ...}`` each ``"gpu"``, ``"cpu"`` or ``"nvme"``.
-        num_params: Ψ, trainable elements (tied parameters once).
+        num_params: Ψ, trainable elements a rank's groups hold (tied parameters once; with
+            ``tp`` > 1 one tp rank's slices plus the replicated leaves).
         padded: elements of all group buffers including alignment and shard padding.
         group_sizes: padded elements of each group, largest first.
         state: what ``TrainState`` holds on each rank, keyed like ``funzero.state_nbytes``
@@ -212,6 +350,13 @@ class MemoryEstimate:
     cpu: int = 0
     nvme: int = 0
     num_replicas: int = 1
+    tp: int = 1
+    sp: int = 1
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs of the layout: ``num_shards x num_replicas x tp`` (the shards include ``sp``)."""
+        return self.num_shards * self.num_replicas * self.tp
 
     @property
     def offload(self) -> str:
@@ -231,6 +376,7 @@ class MemoryEstimate:
         lines = [
             f"ZeRO stage {self.stage}, N={self.num_shards}"
             + (f" x {self.num_replicas} replicas" if self.num_replicas > 1 else "")
+            + (f", tp={self.tp}" if self.tp > 1 else "") + (f", sp={self.sp}" if self.sp > 1 else "")
             + f", Ψ={self.num_params:,} "
             f"(padded {self.padded:,}), offload={self.offload}",
             f"  model states (paper): {format_bytes(ms['total'])} = params {format_bytes(ms['params'])}"
@@ -319,12 +465,17 @@ def _reduce_transient(b: Binding, comm: GroupComm, gathered: bool) -> int:
     return max(concat, biggest * pb + (biggest * rb if cast else 0))
 
 
-def _binding_for(model, plan: Plan, precision: Precision, placement, num_groups) -> Binding:
-    """The binding the engine would make of ``model`` (module or parameter count) under ``plan``."""
+def _binding_for(model, plan: Plan, precision: Precision, placement, num_groups, tp: int) -> Binding:
+    """The binding the engine would make of ``model`` (module or parameter count) under ``plan``:
+    a module's tp rank-0 slices where ``tp`` > 1; a count's share ``ceil(Ψ / tp)`` (a count
+    knows no shapes, so every parameter is taken to be split)."""
     if isinstance(model, nn.Module):
         b = bind(model, plan, precision, training=False)
     else:
-        layouts = layouts_for_num_params(parse_count(model), num_shards=plan.num_shards, num_groups=num_groups,
+        total = parse_count(model)
+        if num_groups is None:
+            num_groups = _default_num_groups(total)  # the blocks of the whole model, each split over tp
+        layouts = layouts_for_num_params(math.ceil(total / tp), num_shards=plan.num_shards, num_groups=num_groups,
                                          dtype=precision.param_dtype, shard_align=plan.shard_align)
         b = from_layouts(plan, layouts, precision, training=False)
     return _with_placement(b, placement)
@@ -342,8 +493,29 @@ def _with_placement(b: Binding, placement) -> Binding:
     pl = Placement(rules, b.placement.compute, rank=b.rank, layouts=b.layouts, training=False)
     return dataclasses.replace(b, placement=pl)
 
-def _planned(model, stage, num_shards, num_replicas, plan, precision, placement, groups, rest, num_groups,
-             leaf_align, shard_align) -> Binding:
+
+def _model_layout(model, num_shards: int, num_replicas: int, tp, sp, tp_rules):
+    """``(model to bind, layout)``: ``tp`` and ``sp`` default to what the module was split or
+    made sequence-parallel over (1 otherwise), a module still to be split becomes its tp-split
+    meta copy, and the sizes are checked against each other and the heads."""
+    split = tp_layout(model) if isinstance(model, nn.Module) else None
+    seq = _sp_of(model) if isinstance(model, nn.Module) else None
+    tp = _positive("tp", tp, split.size if split is not None else 1)
+    sp = _positive("sp", sp, seq.size if seq is not None else 1)
+    if seq is not None and seq.size != sp:
+        raise ValueError(f"sp={sp} contradicts the model's sequence-parallel axis of {seq.size} ranks")
+    _check_sp(sp, num_shards)
+    if isinstance(model, nn.Module):
+        model = split_for_estimate(model, tp, tp_rules)
+        if sp > 1:
+            _check_sp_heads(model, sp)
+    elif tp_rules is not None:
+        raise ValueError("tp_rules applies to a model; a bare parameter count is split evenly over tp")
+    return model, _Layout(num_shards, num_replicas, tp, sp, seq.axis if seq is not None else "sp")
+
+
+def _planned(model, stage, num_shards, num_replicas, tp, sp, tp_rules, plan, precision, placement, groups, rest,
+             num_groups, leaf_align, shard_align) -> tuple[Binding, _Layout]:
     """The binding :func:`estimate_memory` counts, from its arguments (a plan's values win)."""
     if plan is not None:
         _check_agrees("plan", plan, stage=stage, num_shards=num_shards, num_replicas=num_replicas)
@@ -353,17 +525,13 @@ def _planned(model, stage, num_shards, num_replicas, plan, precision, placement,
             placement = dict(plan.placement)
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in STAGES:
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage=}")
-    if num_shards is None:
-        num_shards = 1
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive int, got {num_shards=}")
-    num_replicas = 1 if num_replicas is None else num_replicas
-    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-        raise ValueError(f"num_replicas must be a positive int, got {num_replicas=}")
-    replicate = ("replicate",) if num_replicas > 1 else ()
-    planning = zero(stage, mesh=_planning_mesh("dp", num_shards, replicate, num_replicas), replicate=replicate,
-                    groups=groups, rest=rest, leaf_align=leaf_align, shard_align=shard_align)
-    return _binding_for(model, planning, precision, placement, num_groups)
+    num_shards = _positive("num_shards", num_shards)
+    num_replicas = _positive("num_replicas", num_replicas)
+    model, layout = _model_layout(model, num_shards, num_replicas, tp, sp, tp_rules)
+    planning = zero(stage, mesh=layout.mesh(), axis=layout.shard_axis, replicate=layout.replicate,
+                    batch="local" if layout.sp > 1 else "global", groups=groups, rest=rest, leaf_align=leaf_align,
+                    shard_align=shard_align)
+    return _binding_for(model, planning, precision, placement, num_groups, layout.tp), layout
 
 
 def estimate_memory(
@@ -372,6 +540,9 @@ def estimate_memory(
     stage: int | None = None,
     num_shards: int | None = None,
     num_replicas: int | None = None,
+    tp: int | None = None,
+    sp: int | None = None,
+    tp_rules: str | Sequence | None = None,
     plan: Plan | None = None,
     precision: Precision | str | None = None,
     tx: Any = "adamw",
@@ -387,6 +558,13 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Per-rank bytes of training ``model`` under ZeRO ``stage`` on ``num_shards`` ranks.
 
+    A rank of a run on ``num_shards x num_replicas x tp`` GPUs: ZeRO splits each group over the
+    ``num_shards`` ranks of its shard axis, ``num_replicas`` copies of those shards take other
+    rows of the batch (hierarchical sharding), and each of the ``tp`` tensor-parallel ranks holds
+    its own slices of the split leaves (and the replicated ones whole). With ``sp``-way sequence
+    parallelism the shard axis is the flattened ``dp x sp`` axis: its ``num_shards`` ranks
+    include the ``sp`` ranks (``(dp=2, sp=2)``: ``num_shards=4, sp=2``).
+
     Args:
         model: an ``nn.Module`` (build it under ``torch.device("meta")`` to count a model that
             does not fit: only shapes are read), the ``Binding`` of an existing state
@@ -395,6 +573,18 @@ def estimate_memory(
         num_replicas: hierarchical sharding: copies of the N shards (``zero(..., replicate=)``;
             default 1). Per-rank bytes follow N; the replicas change only what needs more than
             one rank (a reduced gradient's dtype, the reduce's transients).
+        tp: tensor-parallel ranks (default: the split :func:`funzero.tensor_parallel` gave the
+            module, else 1). A module not split yet is split on a meta copy by ``tp_rules`` (no
+            process group, the module untouched); a bare count is taken as split evenly
+            (``ceil(Ψ / tp)`` per rank: its norms and biases, replicated in a real model, are
+            counted as split).
+        sp: sequence-parallel ranks (default: the module's :func:`funzero.sequence_parallel`
+            axis, else 1). It must divide ``num_shards`` and, for a module, every attention
+            module's heads per tp rank. Model states do not depend on it beyond ``num_shards``;
+            activations do (:func:`funzero.gpt_activations`'s ``sp``).
+        tp_rules: for a module to split: a preset name or rules, as for
+            :func:`funzero.tensor_parallel` (default: the preset of its kind, ``gpt`` for
+            ``funzero.models.GPT``, its ``model_type`` for Hugging Face models).
         plan: a plan from :func:`funzero.zero` whose stage, mesh size, groups, alignment and
             placement to use.
         precision: as passed to :func:`funzero.init` (default ``fp32()``, as there), or
@@ -412,31 +602,39 @@ def estimate_memory(
         compiled: stage 3 under ``torch.compile``. Compiled steps free each gathered group after
             its owner's forward and gather it again in backward, as eager ones do (see
             ``_group.py``), so the count is the same; kept so callers need not change.
-        activations: an :class:`ActivationEstimate` (e.g. from :func:`gpt_activations`) to add.
+        activations: an :class:`ActivationEstimate` (e.g. from :func:`gpt_activations`) to add;
+            its ``tp`` and ``sp`` must be the estimate's.
 
     Returns:
         A :class:`MemoryEstimate`.
 
     Raises:
-        ValueError: naming a bad stage, shard count, placement or count.
+        ValueError: naming a bad stage, shard count, tp or sp size (one that does not divide the
+            shards, the heads or a split dimension), placement or count.
 
     Example:
         >>> est = estimate_memory("7.5B", stage=3, num_shards=64, precision="bf16", num_groups=1)
         >>> round(est.model_states["total"] / 1e9, 2)
         1.88
+        >>> round(estimate_memory("70B", stage=3, num_shards=8, tp=8, precision="bf16").model_states["total"] / 1e9, 1)
+        17.5
     """
     precision_given = precision is not None
     precision = _precision(precision)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch=}")
     if isinstance(model, Binding):
-        b = _from_binding(model, stage, num_shards, num_replicas, precision if precision_given else None, placement)
+        b, layout = _from_binding(model, stage, num_shards, num_replicas, tp, sp,
+                                  precision if precision_given else None, placement)
     else:
-        b = _planned(model, stage, num_shards, num_replicas, plan, precision, placement, groups, rest, num_groups,
-                     leaf_align, shard_align)
+        b, layout = _planned(model, stage, num_shards, num_replicas, tp, sp, tp_rules, plan, precision, placement,
+                             groups, rest, num_groups, leaf_align, shard_align)
+    if activations is not None:
+        _check_agrees("activation estimate", activations, tp=layout.tp, sp=layout.sp)
     tx = _optimizer(tx)
     del compiled  # the same count either way (see above)
-    return _estimate(b, tx, prefetch=prefetch, activations=activations)
+    return dataclasses.replace(_estimate(b, tx, prefetch=prefetch, activations=activations), tp=layout.tp,
+                               sp=layout.sp)
 
 
 def _check_agrees(what: str, source, **given) -> None:
@@ -446,11 +644,17 @@ def _check_agrees(what: str, source, **given) -> None:
             raise ValueError(f"{key}={value} contradicts the {what}'s {key} {getattr(source, key)}")
 
 
-def _from_binding(b: Binding, stage, num_shards, num_replicas, precision, placement) -> Binding:
+def _from_binding(b: Binding, stage, num_shards, num_replicas, tp, sp, precision, placement) -> tuple[Binding, _Layout]:
     """An existing state's binding, checked against what the caller also passed (``None``: not
-    passed), with ``placement`` swapped in if given."""
+    passed), with ``placement`` swapped in if given. Its tp size is its split's; a binding does
+    not record sequence parallelism, so ``sp`` is only checked to divide its shards."""
     _check_agrees("binding", b, stage=stage, num_shards=num_shards, num_replicas=num_replicas, precision=precision)
-    return b if placement is None else _with_placement(b, placement)
+    have = b.tp.size if b.tp is not None else 1
+    if tp is not None and tp != have:
+        raise ValueError(f"tp={tp} contradicts the binding's tensor-parallel split over {have} ranks")
+    sp = _positive("sp", sp)
+    _check_sp(sp, b.num_shards)
+    return (b if placement is None else _with_placement(b, placement)), _Layout(b.num_shards, b.num_replicas, have, sp)
 
 
 def _estimate(b: Binding, tx, *, prefetch: int, activations: ActivationEstimate | None) -> MemoryEstimate:

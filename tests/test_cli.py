@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
+from funzero import choose_stage, estimate_memory, gpt_activations
 from funzero.cli import main
+from funzero.models import gpt_config
 
 
 def _run(capsys, *argv):
@@ -78,6 +80,18 @@ def test_plan_picks_the_fastest_fit_and_says_why(capsys):
         (["plan", "--gpu-gb", "80", "--reserve-gb", "90", "--params", "7B"], "'90'"),
         (["plan", "--params", "7B"], "--gpu-gb"),
         (["estimate"], "--params"),
+        (["plan", "--gpu-gb", "80", "--params", "70B", "--gpus", "64", "--tp", "3"], "--tp 3 does not divide --gpus 64"),
+        (["plan", "--gpu-gb", "80", "--params", "70B", "--gpus", "64", "--tp", "8", "--sp", "3"],
+         "--sp 3 does not divide the 8 ranks left by --tp 8 of 64 GPUs"),
+        (["plan", "--gpu-gb", "80", "--params", "70B", "--gpus", "64", "--tp", "8", "--replicate", "3"],
+         "--replicate '3' does not divide the 8 ranks"),
+        (["estimate", "--params", "7B", "--tp", "0"], "'0'"),
+        (["estimate", "--model", "gpt2", "--gpus", "8", "--tp", "8"],
+         "--tp 8: module 'blocks.0.attn': n_head = 12 does not divide over 8 tensor-parallel ranks"),
+        (["estimate", "--model", "gpt2", "--gpus", "8", "--tp", "4", "--sp", "2"],
+         "--sp 2: sp=2 does not divide the 3 attention heads per tensor-parallel rank (of 4)"),
+        (["estimate", "--model", "gpt2", "--gpus", "4", "--sp", "4", "--batch", "2", "--seq", "1022"],
+         "--sp 4 does not divide --seq 1022"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_value(capsys, argv, needle):
@@ -91,6 +105,48 @@ def test_bad_config_file_names_the_field(capsys, tmp_path):
     cfg.write_text(json.dumps({"n_layers": 2}))
     code, _, err = _run(capsys, "estimate", "--model", str(cfg))
     assert code == 2 and "'n_layers'" in err and err.count("\n") == 1
+
+
+def _cells(out: str) -> list[list[str]]:
+    return [[c.strip() for c in r.strip("│").split("│")] for r in out.splitlines() if r.startswith("│")]
+
+
+def test_plan_with_tp_splits_the_gpus_and_prints_per_gpu_model_states(capsys):
+    """``--gpus 64 --tp 8``: dp = 8, and the planner picks the stage and replicas; what it prints
+    is choose_stage's answer for the same layout."""
+    code, out, err = _run(capsys, "plan", "--gpu-gb", "80", "--params", "70B", "--gpus", "64", "--tp", "8")
+    assert code == 0 and err == ""
+    assert "64 GPUs (64 GPUs x 1 node) = dp 8 x tp 8" in out
+    want = choose_stage("70B", gpus=64, tp=8, gpu_bytes=80e9, reserve_bytes=8e9, gpus_per_node=64, precision="bf16")
+    e = want.best.estimate
+    assert (f"Choice: stage {e.stage}, offload {want.best.offload} on dp 8 x tp 8, each group sharded over "
+            f"{e.num_shards} ranks x {e.num_replicas} replicas") in out
+    assert f"Per GPU at the choice: model states {e.model_states['total'] / 1e9:,.2f} GB" in out
+    rows = _cells(out)
+    assert [r[2] for r in rows] == [f"{c.estimate.num_shards} x {c.num_replicas}" for c in want.candidates]
+    code, out, _ = _run(capsys, "plan", "--gpu-gb", "80", "--params", "70B", "--gpus", "64", "--tp", "8",
+                        "--replicate", "1")
+    assert code == 0 and {r[2] for r in _cells(out)} == {"8 x 1"}
+
+
+def test_estimate_with_tp_and_sp_counts_slices_and_activations(capsys):
+    code, out, _ = _run(capsys, "estimate", "--params", "70B", "--gpus", "64", "--tp", "8", "--offload", "none")
+    assert code == 0
+    stage3 = estimate_memory("70B", stage=3, num_shards=8, tp=8, precision="bf16")
+    assert [r[2] for r in _cells(out) if r[0] == "3"] == [f"{stage3.model_states['total'] / 1e9:,.2f}"]
+    code, out, _ = _run(capsys, "estimate", "--model", "gpt2-medium", "--gpus", "8", "--tp", "2", "--sp", "2",
+                        "--batch", "8", "--offload", "none")
+    assert code == 0 and "= dp 2 x tp 2 x sp 2, ZeRO over dp x sp" in out
+    acts = gpt_activations(gpt_config("gpt2-medium"), batch=8, tp=2, sp=2)
+    assert {r[6] for r in _cells(out)} == {f"{acts.peak / 1e9:,.2f}"}
+
+
+def test_tp_that_does_not_divide_a_dimension_names_the_leaf(capsys, tmp_path):
+    cfg = tmp_path / "odd.json"
+    cfg.write_text(json.dumps({"n_layer": 2, "n_head": 2, "n_embd": 64, "vocab_size": 129, "block_size": 32}))
+    code, out, err = _run(capsys, "estimate", "--model", str(cfg), "--gpus", "2", "--tp", "2")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--tp 2: leaf 'wte.weight' of shape (129, 64): dim 0 (129) does not divide over 2 ranks" in err
 
 
 def test_impossible_budget_exits_nonzero_with_one_line(capsys):

@@ -1,4 +1,5 @@
-"""The README's "Bring your own model" snippets run as written, on a tiny local Llama config.
+"""The README's "Bring your own model" snippets run as written, on a tiny local Llama config, and
+its "Planning a 70B run" table is what the command it names prints.
 
 Only the paths are replaced (a temporary directory for ``path/to/llama`` and ``out/llama``),
 ``batches`` is given, and the step runs eagerly (compiling costs a minute of CPU;
@@ -74,3 +75,18 @@ def test_sequence_parallel_snippet_runs_as_written_on_four_ranks():
     assert {(step, tuple(shape)) for step, _, shape in out} == {(1, (2, 8))}
     losses = [loss for _, loss, _ in out]
     assert losses[0] > 0 and all(loss == losses[0] for loss in losses)
+
+
+def test_planning_table_is_what_the_named_command_prints():
+    """The 70B table is ``benchmarks/plan_table.py``'s output (the planner on a meta Llama with
+    Llama-3-70B shapes), caption and rows, not numbers typed by hand."""
+    import runpy
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "plan_table.py")
+    want = runpy.run_path(script)["table"]()
+    with open(_README) as f:
+        text = f.read()
+    start = text.index("## Planning a 70B run\n")
+    section = text[start:text.find("\n## ", start + 1)]
+    assert "`python benchmarks/plan_table.py` prints this table" in section
+    assert want in section, want
