@@ -1,7 +1,7 @@
 """The Llama systems of ``multi_gpu.py --model``: funzero with a second mesh axis (tensor,
-sequence, or replicate x shard) against FSDP2 + tensor parallelism and DeepSpeed AutoTP, on a
-Hugging Face ``LlamaForCausalLM`` built on the meta device. ``multi_gpu.py`` times and tabulates;
-this module builds each system and says what it is.
+sequence, or replicate x shard) against FSDP2 + tensor parallelism, FSDP2 HSDP and DeepSpeed
+AutoTP / Ulysses, on a Hugging Face ``LlamaForCausalLM`` built on the meta device.
+``multi_gpu.py`` times and tabulates; this module builds each system and says what it is.
 
 System names (``--systems``, after ``--model tiny|1b|8b``):
 
@@ -12,22 +12,27 @@ System names (``--systems``, after ``--model tiny|1b|8b``):
   fsdp2                        ``fully_shard`` per decoder layer and on the root, over every rank
   fsdp2-tpN                    torchtitan's recipe: ``parallelize_module`` (Colwise/Rowwise plans) on
                                the tp dim of a 2-D ``init_device_mesh(("dp", "tp"))``, vocab-parallel
-                               embedding, LM head sharded by vocabulary with ``loss_parallel``, then
-                               ``fully_shard`` over dp
+                               embedding, LM head sharded by vocabulary with ``loss_parallel``,
+                               sequence parallelism of the norms, then ``fully_shard`` over dp
+  fsdp2-tpN-nosp               the same without sequence parallelism (funzero's tp has none)
   fsdp2-hsdpN                  ``fully_shard`` over a 2-D ``("replicate", "shard")`` mesh (HSDP)
   ds-zero{k}                   DeepSpeed ZeRO stage k over every rank
   ds-zero{k}-autotpN           DeepSpeed's training-time AutoTP (``tensor_parallel: {autotp_size: N}``)
                                under ZeRO stage k over dp = world/N
+  ds-zero{k}-spN               DeepSpeed Ulysses for HF models (``UlyssesSPAttentionHF``), sp = N
+
+The peers compile each decoder layer on a GPU and run eager on the CPU (:func:`compile_layers`);
+DeepSpeed runs eager, as in train_step.py.
 
 Every system trains the same model from the same initial values on the same global batch: funzero
 makes its parameters on the meta device group by group (``fz.init(seed=SEED)``); the FSDP2 systems
-are parallelised on the meta device, given storage with ``to_empty`` and filled module by module
-with the values ``fz.init`` gives (:func:`init_like_funzero`); DeepSpeed's engine and AutoTP take a
-materialised model, so it is made whole on each rank (``fz.init_weights``) and split by AutoTP.
-Each step's global batch is ``G = batch x world`` sequences of ``T`` random tokens (seed 1234), the
-same on every rank; each system feeds every rank its piece of it (its dp rank's rows; for sp, those
-rows' tokens of its sp rank). The loss of every system is the mean over the global batch's
-``G x (T - 1)`` next-token predictions, so losses agree across systems up to rounding.
+are parallelised and sharded on the meta device, given storage with ``to_empty`` and filled module
+by module with the values ``fz.init`` gives (:func:`init_like_funzero`); DeepSpeed's engine and
+AutoTP take a materialised model, so it is made whole on each rank (``fz.init_weights``) and split
+by the engine. Each step's global batch is ``G = batch x world`` sequences of ``T`` random tokens
+(seed 1234), the same on every rank; each system feeds every rank its piece of it (its dp rank's
+rows; for sp, those rows' tokens of its sp rank). The loss of every system is the mean over the
+global batch's ``G x (T - 1)`` next-token predictions, so losses agree across systems up to rounding.
 """
 
 from __future__ import annotations
@@ -61,14 +66,15 @@ MODELS = {
 }
 
 _NAME = re.compile(r"(?:fz(?P<fz>[0-3])-(?P<mode>eager|compile)|(?P<fsdp>fsdp2)|ds-zero(?P<ds>[0-3]))"
-                   r"(?:-(?P<layout>tp|sp|hsdp|autotp)(?P<size>\d+))?")
+                   r"(?:-(?P<layout>tp|sp|hsdp|autotp)(?P<size>\d+))?(?P<nosp>-nosp)?")
 _LAYOUTS = {"fz": ("tp", "sp", "hsdp"), "fsdp2": ("tp", "hsdp"), "ds": ("autotp", "sp")}
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What a system name says: ``family`` (fz, fsdp2, ds), ZeRO ``stage``, ``compiled``, and the
-    second axis: ``layout`` (dp, tp, sp, hsdp, autotp) of ``size`` ranks (1 for dp)."""
+    """What a system name says: ``family`` (fz, fsdp2, ds), ZeRO ``stage``, ``compiled``, the
+    second axis: ``layout`` (dp, tp, sp, hsdp, autotp) of ``size`` ranks (1 for dp), and for FSDP2
+    + TP whether torchtitan's sequence parallelism of the norms is on."""
 
     name: str
     family: str
@@ -76,6 +82,7 @@ class Spec:
     compiled: bool
     layout: str
     size: int
+    sequence_parallel: bool = False  # FSDP2 + TP: the norms and residual stream sharded by tokens
 
     def mesh_shape(self, world: int) -> tuple[int, int]:
         """``(outer, inner)``: (dp, tp), (dp, sp) or (replicas, shard size); ``(world, 1)`` for dp."""
@@ -95,12 +102,14 @@ def parse(name: str) -> Spec:
     """The :class:`Spec` of a Llama system name; ``ValueError`` naming the grammar otherwise."""
     m = _NAME.fullmatch(name)
     family = None if m is None else ("fz" if m["fz"] else "fsdp2" if m["fsdp"] else "ds")
-    if m is None or (m["layout"] and m["layout"] not in _LAYOUTS[family]):
+    if (m is None or (m["layout"] and m["layout"] not in _LAYOUTS[family])
+            or (m["nosp"] and (family, m["layout"]) != ("fsdp2", "tp"))):
         raise ValueError(f"unknown Llama system {name!r}: fz<k>-<eager|compile>[-tpN|-spN|-hsdpN], "
-                         "fsdp2[-tpN|-hsdpN] or ds-zero<k>[-autotpN|-spN]")
+                         "fsdp2[-tpN[-nosp]|-hsdpN] or ds-zero<k>[-autotpN|-spN]")
     stage = int(m["fz"] or m["ds"] or 3)  # FSDP2 shards like ZeRO-3
     compiled = m["mode"] == "compile" if family == "fz" else False  # the peers: see compile_layers
-    return Spec(name, family, stage, compiled, m["layout"] or "dp", int(m["size"] or 1))
+    return Spec(name, family, stage, compiled, m["layout"] or "dp", int(m["size"] or 1),
+                sequence_parallel=family == "fsdp2" and m["layout"] == "tp" and not m["nosp"])
 
 
 def llama_config(model: str, seq: int):
@@ -273,20 +282,33 @@ def piece(x: torch.Tensor, index: int, count: int) -> torch.Tensor:
 
 
 # --- FSDP2 (+ tensor parallelism), torchtitan's way -------------------------------------------------
-def _tp_plan():
-    """torchtitan's Llama plan, on Hugging Face's module names: q/k/v and gate/up column-wise, o and
-    down row-wise (their outputs all-reduced), the embedding split by vocabulary (row-wise; output
-    replicated), the LM head column-wise with its logits left sharded by vocabulary for
-    ``loss_parallel``. No sequence parallelism on the norms (funzero's tp has none either)."""
+def _tp_plan(sequence_parallel: bool):
+    """torchtitan's Llama plan on Hugging Face's module names: ``(root plan, per-layer plan)``.
+    q/k/v and gate/up column-wise, o and down row-wise, the embedding split by vocabulary
+    (row-wise), the LM head column-wise with its logits left sharded by vocabulary for
+    ``loss_parallel``. With ``sequence_parallel`` (torchtitan's way) the norms and the residual
+    stream between layers are sharded by tokens: the row-wise outputs are reduce-scattered, and
+    each attention and MLP input all-gathered. Without it (``-nosp``: what funzero's tp does) they
+    stay whole and the row-wise outputs are all-reduced."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
 
-    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)}
-    return plan, {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-                  "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-                  "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                  "mlp.down_proj": RowwiseParallel()}
+    between = Shard(1) if sequence_parallel else Replicate()  # (B, T, d) between the blocks
+    top = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+           "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)}
+    layer = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+             "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=between),
+             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+             "mlp.down_proj": RowwiseParallel(output_layouts=between)}
+    if sequence_parallel:
+        top["model.norm"] = SequenceParallel()
+        layer.update({"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                      # HF calls attention with hidden_states=..., the MLP positionally
+                      "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                      desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+                      "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))})
+    return top, layer
 
 
 def compile_layers(device) -> bool:
@@ -308,8 +330,11 @@ def fsdp2_system(spec: Spec, config, batches, device):
     dev = device.type
     model = meta_model(config)
     if spec.layout == "tp":
+        for what, count in (("attention heads", config.num_attention_heads), ("KV heads", config.num_key_value_heads)):
+            if count % inner:  # HF's attention reshapes to (..., -1, head_dim): it would fail later, obscurely
+                raise ValueError(f"{spec.name}: {count} {what} do not divide over {inner} tensor-parallel ranks")
         mesh = init_device_mesh(dev, (outer, inner), mesh_dim_names=("dp", "tp"))
-        top, per_layer = _tp_plan()
+        top, per_layer = _tp_plan(spec.sequence_parallel)
         parallelize_module(model, mesh["tp"], top)
         for layer in model.model.layers:
             parallelize_module(layer, mesh["tp"], per_layer)
@@ -330,12 +355,15 @@ def fsdp2_system(spec: Spec, config, batches, device):
     init_like_funzero(model, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=dev == "cuda")
     data = [(piece(x, *rows), shifted(piece(x, *rows))) for x in batches]
+    positions = torch.arange(batches[0].shape[1], device=device).unsqueeze(0)
     vocab_split = spec.layout == "tp"
 
     def step(i):
         x, y = data[i]
         with loss_parallel() if vocab_split else contextlib.nullcontext():
-            logits = model(input_ids=x).logits  # (B, T, V); a DTensor sharded on V under tp
+            # (B, T, V), a DTensor sharded on V under tp. Positions given: under sequence
+            # parallelism HF would number the local tokens only (its rotary sees T / tp of them)
+            logits = model(input_ids=x, position_ids=positions).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
             loss.backward()
         opt.step()

@@ -1,6 +1,6 @@
 """benchmarks/multi_gpu.py --model tiny on 4 gloo CPU ranks under torchrun: funzero's tensor,
-sequence and hierarchical (replicate x shard) layouts against FSDP2 + tensor parallelism, FSDP2
-HSDP and DeepSpeed AutoTP / Ulysses (rows that say why they were skipped where DeepSpeed is not
+sequence and hierarchical (replicate x shard) layouts against FSDP2 + tensor parallelism (with and
+without sequence-parallel norms), FSDP2 HSDP and DeepSpeed AutoTP / Ulysses (rows that say why they were skipped where DeepSpeed is not
 importable), one JSON with every row, a chart.
 
 Why the losses must agree to 1e-6 (relative): every system trains the tiny Llama in fp32 from the
@@ -27,10 +27,11 @@ import pytest
 pytest.importorskip("transformers")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-SYSTEMS = ["fz3-eager", "fz3-eager-tp2", "fz3-eager-sp2", "fz3-eager-hsdp2", "fsdp2-tp2", "fsdp2-hsdp2",
-           "ds-zero1-autotp2", "ds-zero1-sp2"]
+SYSTEMS = ["fz3-eager", "fz3-eager-tp2", "fz3-eager-sp2", "fz3-eager-hsdp2", "fsdp2-tp2", "fsdp2-tp2-nosp",
+           "fsdp2-hsdp2", "ds-zero1-autotp2", "ds-zero1-sp2"]
 LAYOUTS = {"fz3-eager": "dp4", "fz3-eager-tp2": "dp2xtp2", "fz3-eager-sp2": "dp2xsp2", "fz3-eager-hsdp2": "rep2xshard2",
-           "fsdp2-tp2": "dp2xtp2", "fsdp2-hsdp2": "rep2xshard2", "ds-zero1-autotp2": "dp2xtp2", "ds-zero1-sp2": "dp2xsp2"}
+           "fsdp2-tp2": "dp2xtp2", "fsdp2-tp2-nosp": "dp2xtp2", "fsdp2-hsdp2": "rep2xshard2",
+           "ds-zero1-autotp2": "dp2xtp2", "ds-zero1-sp2": "dp2xsp2"}
 TOL = 1e-6  # relative; see the module docstring
 
 
@@ -42,6 +43,7 @@ def _deepspeed_importable() -> bool:
     return True
 
 
+@pytest.mark.slow  # 30-45 s of wall time on 2 shared cores; 50-70 s where DeepSpeed is importable
 @pytest.mark.timeout(300)
 def test_tiny_llama_on_4_gloo_ranks_every_system_agrees_with_funzero(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
