@@ -37,7 +37,7 @@ from torch import nn
 
 from funzero._collectives import all_to_all
 from funzero._group import backward_phase
-from shardspec import Mesh
+from shardspec import Mesh, MeshAxis
 
 __all__ = ["SequenceBatch", "check_sequence_plan", "sequence_parallel", "split_sequence", "ulysses_attention"]
 
@@ -47,20 +47,9 @@ _HEADS, _SEQ = 1, 2  # dims of (B, heads, T, D)
 
 
 @dataclass(frozen=True, eq=False)
-class _Axis:
+class _Axis(MeshAxis):
     """The ``sp`` axis of a mesh. Shared, not copied, by ``copy.deepcopy`` of a model that holds it
     (a process group cannot be copied)."""
-
-    mesh: Mesh
-    axis: str
-
-    @property
-    def size(self) -> int:
-        return self.mesh.size(self.axis)
-
-    @property
-    def rank(self) -> int:
-        return self.mesh.rank(self.axis)
 
     def __deepcopy__(self, memo) -> "_Axis":
         return self

@@ -62,7 +62,7 @@ from funzero._collectives import all_gather, all_reduce
 from funzero._group import backward_phase
 from funzero._sequence import check_heads as check_sequence_heads
 from funzero._sequence import sequence_axis
-from shardspec import Mesh, Shard, check_split, first_match, join_shards, local_shape, shard_of
+from shardspec import Mesh, MeshAxis, Shard, check_split, first_match, join_shards, local_shape, shard_of
 
 __all__ = ["PRESETS", "TPLayout", "TPRule", "copy_to_tp", "full_shape_init", "gpt2_rules", "gpt_rules", "llama_rules",
            "reduce_from_tp", "tensor_parallel", "tp_info", "tp_layout"]
@@ -94,26 +94,16 @@ class TPRule:
 
 
 @dataclass(frozen=True, eq=False)
-class Site:
+class Site(MeshAxis):
     """What a module's swapped forward and hooks need: the axis and this rank's place on it, and
     ``split``: ``{parameter name: (spec, full shape)}`` of the module's own split parameters."""
 
-    mesh: Mesh
-    axis: str
     style: str
     split: dict = field(default_factory=dict)
 
-    @property
-    def rank(self) -> int:
-        return self.mesh.rank(self.axis)
-
-    @property
-    def size(self) -> int:
-        return self.mesh.size(self.axis)
-
 
 @dataclass(frozen=True, eq=False)
-class TPLayout:
+class TPLayout(MeshAxis):
     """A model's tensor-parallel split, as the engine reads it (``Binding.tp``).
 
     Attributes:
@@ -123,19 +113,9 @@ class TPLayout:
         rules: the rules applied.
     """
 
-    mesh: Mesh
-    axis: str
     specs: dict
     shapes: dict
     rules: tuple
-
-    @property
-    def size(self) -> int:
-        return self.mesh.size(self.axis)
-
-    @property
-    def rank(self) -> int:
-        return self.mesh.rank(self.axis)
 
     def psum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the tp ranks (the identity on one)."""

@@ -4,7 +4,7 @@ Knows nothing of training: no optimizers, losses or models. ``funzero`` builds o
 """
 
 from shardspec._layout import FlatLayout, LeafSlot, build_layouts
-from shardspec._mesh import Mesh
+from shardspec._mesh import Mesh, MeshAxis
 from shardspec._rules import GroupRule, assign_groups
 from shardspec._spec import Replicate, Shard, Spec, held_numel, is_sharded
 from shardspec._tree import leaf_paths, path_str
@@ -18,6 +18,7 @@ __all__ = [
     "GroupRule",
     "LeafSlot",
     "Mesh",
+    "MeshAxis",
     "Replicate",
     "Shard",
     "Spec",

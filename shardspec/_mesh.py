@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -231,3 +232,26 @@ class Mesh:
         axes = [f"{n}={s}" for n, s in zip(self.axis_names, self.shape)]
         axes += [f"{n}={'x'.join(parts)}" for n, parts in self._flat.items()]
         return f"Mesh({', '.join(axes)}, device_type={self.device_type!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class MeshAxis:
+    """One named axis of a mesh: what a transform that lives on one axis (a tensor- or
+    sequence-parallel split) holds, with this rank's place on it.
+
+    Example:
+        >>> ax = MeshAxis(Mesh(("dp", "tp"), (1, 1)), "tp")
+        >>> ax.size, ax.rank
+        (1, 0)
+    """
+
+    mesh: Mesh
+    axis: str
+
+    @property
+    def size(self) -> int:
+        return self.mesh.size(self.axis)
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank(self.axis)
