@@ -4,7 +4,8 @@ Ranks are forked from a forkserver that has imported torch, funzero and transfor
 world starts in a fraction of a second instead of each rank importing them afresh (on 2 cores
 that was 3-10 s a world, minutes over the suite). Each rank is still a new process with the
 caller's environment; ``fresh=True`` spawns clean interpreters instead, for tests whose
-environment must be read at import (e.g. the CPU kernels torch dispatches).
+environment must be read at import (e.g. the CPU kernels torch dispatches) and for tests that
+measure a rank's resident memory (a forked rank's depends on what the server had loaded).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def test_init_of_a_meta_model_never_holds_the_model():
     """A 110 MB model (fp32) at stage 3 on 2 ranks: each rank's peak during init stays within its
     state (half the model) plus about one group, where materialising the model would cost 110 MB."""
     cfg = GPTConfig(block_size=64, vocab_size=4096, n_layer=8, n_embd=512, n_head=8, fused=False)
-    for added, state, group, total in run_world(_peak_init, 2, cfg, 3):
+    for added, state, group, total in run_world(_peak_init, 2, cfg, 3, fresh=True):  # RSS of its own, not a fork's
         assert total > 100e6 and state < 0.55 * total
         # one group made at a time (and its fp32 copy while it is cut), plus allocator slack
         assert added <= state + 2.5 * group + 16e6, (added, state, group, total)
