@@ -302,8 +302,7 @@ def check_sequence_plan(model: nn.Module, plan) -> None:
     sp = sequence_axis(model)
     if sp is None or sp.size == 1:
         return
-    spans = plan.mesh._components(plan.data_axes)  # noqa: SLF001 - shardspec's own flattening
-    if not set(sp.mesh._components((sp.axis,))) <= set(spans):  # noqa: SLF001
+    if not set(sp.mesh.spanned((sp.axis,))) <= set(plan.mesh.spanned(plan.data_axes)):
         raise ValueError(
             f"the model is sequence-parallel over axis {sp.axis!r}, but the plan's data-parallel axes "
             f"{plan.data_axes} do not span it, so its ranks' gradients would not be averaged: flatten "

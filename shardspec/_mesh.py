@@ -145,8 +145,14 @@ class Mesh:
             mesh.group(name)  # made now, while every rank is here
         return mesh
 
-    def _components(self, axes: Sequence[str]) -> list[str]:
-        """``axes`` with each flattened axis replaced by the axes it spans (each checked)."""
+    def spanned(self, axes: Sequence[str]) -> list[str]:
+        """The mesh's own axes that ``axes`` cover: each flattened axis (:meth:`flatten`) replaced
+        by the axes it spans, each name checked.
+
+        Example:
+            >>> Mesh(("dp", "sp"), (1, 1)).flatten(("dp", "sp"), "dp_sp").spanned(("dp_sp",))
+            ['dp', 'sp']
+        """
         out = []
         for a in axes:
             out.extend(self._flat[a] if a in self._flat else [self.axis_names[self._axis_index(a)]])
@@ -211,7 +217,7 @@ class Mesh:
             >>> mesh.group_over(("replicate", "shard")) is None
             True
         """
-        named = {self._axis_index(a) for a in self._components(axes)}
+        named = {self._axis_index(a) for a in self.spanned(axes)}
         wide = tuple(a for i, a in enumerate(self.axis_names) if i in named and self.shape[i] > 1)
         if len(wide) <= 1:
             return self.group(wide[0]) if wide else None
